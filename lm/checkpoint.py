@@ -1,0 +1,95 @@
+"""Checkpoint reading and writing: atomic saves, ``weights_only`` loads, ``lm.load_model``.
+
+A Lightning checkpoint of ``LanguageModel`` carries ``checkpoint["lm"] = {"config", "tokenizer"}``
+as plain types, so everything here loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from lm.errors import CheckpointMismatchError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary file in the same folder, fsyncs, then ``os.replace``s it into place.
+
+    Killing the process mid-save leaves the previous checkpoint intact (Lightning's own save opens
+    the target for writing, truncating it first).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads a Lightning checkpoint file with ``weights_only=True``; clear errors for bad paths."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        if not last.exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder without last.ckpt")
+        path = last
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "lm" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} was not written by lm (no 'lm' entry)")
+    return ckpt
+
+
+def check_compatible(model: torch.nn.Module, state_dict: dict, prefix: str = "") -> None:
+    """Raises with the mismatched keys and shapes when a state dict is of another architecture."""
+    own = {prefix + k: v for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(k for k in set(state_dict) - set(own) if k.startswith(prefix))
+    shapes = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict) if tuple(state_dict[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{name}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
+        raise CheckpointMismatchError(f"checkpoint does not match the model architecture ({'; '.join(parts)})")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Returns the ``DecoderLM`` of a checkpoint in eval mode; ``model(input_ids)`` gives logits."""
+    from lm.models import DecoderConfig, DecoderLM
+
+    ckpt = read_checkpoint(path)
+    cfg = DecoderConfig.from_dict(ckpt["lm"]["config"])
+    model = DecoderLM(cfg)
+    sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_compatible(model, sd)
+    model.load_state_dict(sd)
+    model.tokenizer_json = ckpt["lm"].get("tokenizer")
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` stored in a checkpoint."""
+    from tokenizers import Tokenizer
+
+    tok = read_checkpoint(path)["lm"].get("tokenizer")
+    if tok is None:
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} carries no tokenizer")
+    return Tokenizer.from_str(tok)
