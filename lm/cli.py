@@ -6,8 +6,10 @@ dispatch to ``lm.tools``. User errors print one line (set ``LM_TRACEBACK=1`` for
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import re
 import sys
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -21,48 +23,35 @@ USAGE = "usage: lm {fit,validate,test,predict} -c RECIPE [--key=value ...] | lm 
 
 
 def _lightning_cli(argv: list[str]) -> None:
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.loggers import CSVLogger
+    from lm.training.recipe import run_cli
 
-    from lm.callbacks import Throughput
-    from lm.checkpoint import AtomicCheckpointIO
-    from lm.training.module import LanguageModel
+    run_cli(None if argv == sys.argv[1:] else argv)
 
-    class LMCLI(LightningCLI):
-        """Adds the run-folder conventions: ``ROOT/checkpoints/last.ckpt`` always kept, atomic
-        checkpoint writes, CSV logs under ``ROOT/logs`` unless the recipe names a logger, and the
-        throughput/MFU callback."""
 
-        def _instantiate_trainer(self, config, callbacks):
-            root = config.get("default_root_dir") or os.getcwd()
-            config["default_root_dir"] = root
-            given = list(config.get("callbacks") or []) + list(callbacks)
-            ckpts = [c for c in given if isinstance(c, ModelCheckpoint)]
-            if not ckpts and config.get("enable_checkpointing", True) is not False:
-                callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
-            for cb in ckpts:
-                cb.dirpath = cb.dirpath or os.path.join(root, "checkpoints")
-                cb.save_last = True if cb.save_last is None else cb.save_last
-            if not any(isinstance(c, Throughput) for c in given):
-                callbacks.append(Throughput())
-            if config.get("logger") in (None, True):
-                config["logger"] = CSVLogger(save_dir=root, name="logs")
-            if not config.get("plugins"):
-                config["plugins"] = [AtomicCheckpointIO()]
-            return super()._instantiate_trainer(config, callbacks)
-
-    LMCLI(
-        LanguageModel,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=None if argv == sys.argv[1:] else argv,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"use_distributed_sampler": False},  # lm loaders shard by rank themselves
-        auto_configure_optimizers=False,
-    )
+def summarize_parse_error(msg: str) -> str:
+    """One line naming the offending key, from jsonargparse's nested multi-line report."""
+    outer = re.match(r'Parser key "([^"]+)"', msg)
+    prefix = outer.group(1) + "." if outer else ""
+    m = re.search(r"unrecognized arguments: --?([\w.\[\]-]+)(?:=(\S*))?", msg)
+    if m:
+        key = m.group(1) if not outer or m.group(1).startswith(prefix) else prefix + m.group(1)
+        return f"{key}: unknown key (see `lm fit -c RECIPE --print_config` for the accepted ones)"
+    m = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", msg)
+    if m:
+        return f"{prefix}{m.group(1)}.{m.group(2)}: unknown key"
+    m = re.search(r"File does not exist: '([^']+)'", msg)
+    if m:
+        return f"recipe file {m.group(1)!r} does not exist"
+    inner = re.findall(r'Parser key "([^"]+)":\s*\n\s*(.+)', msg)
+    if inner:
+        key, why = inner[-1]
+        key = key if key.startswith(prefix) else prefix + key
+        return f"{key}: {why.strip()}"
+    m = re.search(r"[Kk]ey \"?([\w.]+)\"? is not expected", msg)
+    if m:
+        return f"{prefix}{m.group(1)}: unknown key"
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else "invalid arguments"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if cmd in TOOL_COMMANDS:
             return int(importlib.import_module(TOOL_COMMANDS[cmd][0]).main(argv[1:]) or 0)
         print(f"lm: error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as e:
+        if os.environ.get("LM_TRACEBACK"):
+            raise
+        print(f"lm: error: {summarize_parse_error(str(e))}", file=sys.stderr)
         return 2
     except (LMError, ValueError, FileNotFoundError) as e:
         if os.environ.get("LM_TRACEBACK"):
