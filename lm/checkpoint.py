@@ -17,10 +17,11 @@ from lm.errors import CheckpointMismatchError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to a temporary file in the same folder, fsyncs, then ``os.replace``s it into place.
-
-    Killing the process mid-save leaves the previous checkpoint intact (Lightning's own save opens
-    the target for writing, truncating it first).
+    """Streams the checkpoint into a temporary file in the same folder, fsyncs, then
+    ``os.replace``s it into place: killing the process mid-save leaves the previous checkpoint
+    intact, and a power loss right after the save does not leave an empty file. (Lightning's own
+    IO first serialises the whole checkpoint into memory, doubling host RAM for big models, and
+    does not fsync.)
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:

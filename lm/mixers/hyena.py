@@ -37,14 +37,16 @@ def fft_conv(u_BDL: torch.Tensor, k_DL: torch.Tensor, bias_D: torch.Tensor | Non
     return y.to(u_BDL.dtype)
 
 
-def positional_features(max_len: int, emb_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hyena's filter inputs: ``t`` in [0, 1] and (emb_dim - 1) / 2 complex exponentials (real and
-    imaginary parts); returns (z_LZ, t_L1)."""
-    t_L1 = torch.linspace(0, 1, max_len)[:, None]
+def positional_features(max_len: int, emb_dim: int, L: int | None = None, device=None):
+    """Hyena's filter inputs for positions 0..L-1 of a filter defined up to ``max_len``: ``t`` in
+    [0, 1] and (emb_dim - 1) / 2 complex exponentials (real and imaginary parts); returns
+    (z_LZ, t_L1) in fp32."""
+    L = max_len if L is None else L
+    pos_L1 = torch.arange(L, dtype=torch.float32, device=device)[:, None]
+    t_L1 = pos_L1 / max(max_len - 1, 1)
     bands = (emb_dim - 1) // 2
-    w_L1 = 2 * math.pi * torch.arange(max_len, dtype=torch.float32)[:, None] / max_len
-    f_1F = torch.linspace(1e-4, bands - 1, bands)[None]
-    z = torch.exp(-1j * f_1F * w_L1)
+    f_1F = torch.linspace(1e-4, bands - 1, bands, device=device)[None]
+    z = torch.exp(-1j * f_1F * (2 * math.pi * pos_L1 / max_len))
     return torch.cat([t_L1, z.real, z.imag], dim=-1), t_L1
 
 
@@ -62,12 +64,11 @@ class HyenaFilter(nn.Module):
                  slow_decay_pct: float = 1.5, target: float = 1e-2):
         super().__init__()
         self.dim, self.num_filters, self.w = dim, num_filters, w
+        self.max_len, self.emb_dim = max_len, emb_dim
         channels = dim * num_filters
-        z, t = positional_features(max_len, emb_dim)
-        self.register_buffer("z_LZ", z, persistent=False)
-        self.register_buffer("t_L1", t, persistent=False)
-        max_decay, min_decay = math.log(target) / fast_decay_pct, math.log(target) / slow_decay_pct
-        self.register_buffer("deltas_C", torch.linspace(min_decay, max_decay, channels), persistent=False)
+        # the fixed inputs (positions, decay rates) are recomputed in fp32 per call, never stored, so
+        # a bf16 model does not round them
+        self.decay_range = (math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct)
         self.w_in = nn.Parameter(torch.empty(filter_order, emb_dim))
         self.b_in = nn.Parameter(torch.empty(filter_order))
         self.w_hidden = nn.Parameter(torch.empty(num_inner_mlps, filter_order, filter_order))
@@ -94,10 +95,13 @@ class HyenaFilter(nn.Module):
 
     def forward(self, L: int) -> torch.Tensor:
         """The filters for positions 0..L-1: [O, D, L] (fp32)."""
-        h = torch.sin(self.freq[0] * F.linear(self.z_LZ[:L], self.w_in.float(), self.b_in.float()))
+        z_LZ, t_L1 = positional_features(self.max_len, self.emb_dim, L, self.w_in.device)
+        deltas_C = torch.linspace(*self.decay_range, self.w_out.shape[0], device=self.w_in.device)
+        freq = self.freq.float()
+        h = torch.sin(freq[0] * F.linear(z_LZ, self.w_in.float(), self.b_in.float()))
         for i in range(self.w_hidden.shape[0]):
-            h = torch.sin(self.freq[i + 1] * F.linear(h, self.w_hidden[i].float(), self.b_hidden[i].float()))
-        h_LC = F.linear(h, self.w_out.float()) * torch.exp(-self.t_L1[:L] * self.deltas_C.abs())
+            h = torch.sin(freq[i + 1] * F.linear(h, self.w_hidden[i].float(), self.b_hidden[i].float()))
+        h_LC = F.linear(h, self.w_out.float()) * torch.exp(-t_L1 * deltas_C.abs())
         return h_LC.t().reshape(self.num_filters, self.dim, L)
 
 

@@ -63,8 +63,7 @@ class MambaExporter:
     arch, model_type = "MambaForCausalLM", "mamba"
 
     def matches(self, cfg) -> bool:
-        return (cfg.norm == "rmsnorm" and not getattr(cfg, "embed_norm", False) and _uniform(cfg, "mamba", "none")
-                and isinstance(cfg.layer(0).mixer_options.get("expand", 2), int))
+        return cfg.norm == "rmsnorm" and not getattr(cfg, "embed_norm", False) and _uniform(cfg, "mamba", "none")
 
     def hf_config(self, cfg, tokenizer_eos: int | None) -> dict:
         o = cfg.layer(0).mixer_options

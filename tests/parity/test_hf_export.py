@@ -154,12 +154,31 @@ def _plain_checkpoint(path, cfg):
     dict(ffn="gelu"),
     dict(mixer_options={"bias": True}),
     dict(layer_pattern=[LayerSpec(), LayerSpec(mixer="sliding_window", mixer_options={"window": 4})]),
-], ids=["layernorm", "gelu", "attn-bias", "hybrid"])
+    # Mistral has one sliding_window for all layers: per-layer windows do not map onto it
+    dict(mixer="sliding_window", layer_pattern=[LayerSpec(mixer_options={"window": 4}),
+                                                LayerSpec(mixer_options={"window": 8})]),
+], ids=["layernorm", "gelu", "attn-bias", "hybrid", "per-layer-windows"])
 def test_export_without_matching_architecture_raises(tmp_path, overrides):
     ckpt = _plain_checkpoint(tmp_path / "m.ckpt", DecoderConfig(**{**BASE, "vocab_size": 64}, **overrides))
     with pytest.raises(ValueError, match="no transformers architecture"):
         export_hf(ckpt, str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(ffn_options={"hidden": 96}),  # the option wins over ffn_hidden=64 in SwiGLU
+    dict(head_dim=16),  # head_dim != dim // num_heads
+    dict(rope_theta=500.0, norm_eps=1e-6, num_kv_heads=2),
+], ids=["ffn-option-hidden", "head-dim", "theta-eps"])
+def test_export_carries_sizes_from_options(tmp_path, overrides):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _plain_checkpoint(tmp_path / "m.ckpt", DecoderConfig(**BASE, **overrides))
+    out, _ = export_hf(ckpt, str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert_close(hf(ids).logits, lm.load_model(ckpt)(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_export_error_is_one_line(tmp_path, capsys):

@@ -180,10 +180,10 @@ def _incremental_logits(model, ids_BT, chunks, max_len=None):
 @pytest.mark.parametrize("case", list(CACHE_CASES))
 def test_prefill_then_decode_equals_full_forward(tiny_model, case, prompt):
     model = tiny_model(**CACHE_CASES[case])
-    ids = torch.randint(0, 96, (2, 16))  # decodes well past the window
+    ids = torch.randint(0, 96, (2, 12))  # decodes to 3x the window
     with torch.no_grad():
         full = model(ids)
-        inc = _incremental_logits(model, ids, [prompt] + [1] * (16 - prompt))
+        inc = _incremental_logits(model, ids, [prompt] + [1] * (12 - prompt))
     assert_close(inc, full, atol=1e-5, rtol=1e-5)
 
 
@@ -234,3 +234,20 @@ def test_rolling_cache_bounded_by_window(tiny_model):
     assert cache.nbytes() == nbytes and [tuple(c.k_BHSD.shape) for c in cache.layers] == shapes
     ring_pos = sorted(cache.layers[0].slot_pos_S.tolist())
     assert ring_pos == list(range(cache.pos - window, cache.pos))  # holds exactly the last window
+
+
+def test_rolling_cache_shorter_than_window_is_never_silently_wrong(tiny_model):
+    """``init_cache(max_len < window)`` sizes the ring to max_len. Decoding past max_len must either
+    fail like ``KVCache`` does ("exceeds the cache length") or stay exact, never overwrite keys the
+    window still sees."""
+    model = tiny_model(mixer="sliding_window", mixer_options={"window": 8})
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.init_cache(1, 5)
+        try:
+            inc = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(10)], dim=1)
+        except ValueError as e:
+            assert "cache length" in str(e)
+            return
+    assert_close(inc, full, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ from lm.nn.mlp import GeluMLP, SwiGLU
     (dict(num_heads=0), "num_heads"),
     (dict(max_seq_len=0), "max_seq_len"),
     (dict(ffn_hidden=-8), "ffn_hidden"),
-])
+], ids=lambda v: v if isinstance(v, str) or v is None else ",".join(f"{k}={x}" for k, x in v.items()))
 def test_config_validation_names_the_key(tiny_cfg, overrides, key):
     if key is None:
         cfg = tiny_cfg(**overrides)
@@ -45,7 +45,8 @@ def test_config_validation_names_the_key(tiny_cfg, overrides, key):
     (dict(mixer="sliding_window", mixer_options={"windw": 4}), ["windw", "window"]),
     (dict(ffn_options={"hiden": 4}), ["hiden", "hidden"]),
     (dict(layer_pattern=[LayerSpec(mixer="nope")]), ["mixer", "nope"]),
-])
+    (dict(mixer_options={"layer_idx": 1}), ["layer_idx"]),  # positional: not an option
+], ids=["mixer", "ffn", "norm", "mixer-option", "ffn-option", "pattern-mixer", "positional-as-option"])
 def test_unknown_names_and_options_fail_at_build_naming_the_key(tiny_cfg, overrides, words):
     with pytest.raises(ValueError) as e:
         DecoderLM(tiny_cfg(**overrides))
