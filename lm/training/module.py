@@ -42,6 +42,12 @@ class LanguageModel(L.LightningModule):
                     f"vocabulary ({dm.vocab_size}, data.vocab_size)")
             self.tokenizer_json = tok.to_str()
 
+    def configure_model(self) -> None:
+        """Parallelism is applied from outside the model (``lm.parallel``), never in model code."""
+        from lm.parallel import parallelize
+
+        parallelize(self)
+
     def forward(self, input_ids_BT: torch.Tensor, **kw) -> torch.Tensor:
         return self.model(input_ids_BT, **kw)
 

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lm.callbacks import Throughput
 from lm.checkpoint import AtomicCheckpointIO
+import lm.parallel  # noqa: F401  (registers the strategy short names)
 from lm.training.module import LanguageModel
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
