@@ -30,5 +30,6 @@ class Block(nn.Module):
     def forward(self, x_BTD: torch.Tensor, *, cache=None, **ctx) -> torch.Tensor:
         x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), cache=cache, **ctx)
         if self.ffn is not None:
-            x_BTD = x_BTD + self.ffn(self.ffn_norm(x_BTD))
+            ffn_kw = {"cache": cache} if getattr(self.ffn, "needs_cache", False) else {}  # e.g. RWKV channel-mix shift
+            x_BTD = x_BTD + self.ffn(self.ffn_norm(x_BTD), **ffn_kw)
         return x_BTD

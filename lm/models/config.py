@@ -40,6 +40,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    embed_norm: bool = False  # a norm on the embeddings before block 0 (RWKV's ln0 / HF pre_ln)
     init_std: float = 0.02
     layer_pattern: Optional[list[LayerSpec]] = None
 

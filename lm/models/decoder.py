@@ -24,6 +24,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_norm = NORMS.build(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = NORMS.build(cfg.norm, cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -56,6 +57,8 @@ class DecoderLM(nn.Module):
     def hidden_states(self, input_ids_BT: torch.Tensor, *, cache: DecodeCache | None = None) -> torch.Tensor:
         start_pos = cache.pos if cache is not None else 0
         x_BTD = self.embed(input_ids_BT)
+        if self.embed_norm is not None:
+            x_BTD = self.embed_norm(x_BTD)
         for i, block in enumerate(self.blocks):
             x_BTD = block(x_BTD, cache=cache.layers[i] if cache is not None else None, start_pos=start_pos)
         if cache is not None:

@@ -76,6 +76,8 @@ class MistralExporter(LlamaExporter):
 
 HF_EXPORTERS = [LlamaExporter(), MistralExporter()]
 
+import lm.tools.export_ssm  # noqa: E402,F401  (appends the Mamba and RWKV exporters)
+
 
 def pick_exporter(cfg):
     for ex in HF_EXPORTERS:
