@@ -51,9 +51,17 @@ class LanguageModel(L.LightningModule):
     def forward(self, input_ids_BT: torch.Tensor, **kw) -> torch.Tensor:
         return self.model(input_ids_BT, **kw)
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, with_accuracy: bool = False):
+        """Mean next-token cross-entropy over scored positions (labels != -100); optionally
+        also the accuracy of the argmax prediction there (the synthetic tasks' metric)."""
         logits_BTV = self.model(batch["input_ids"])
-        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        labels_BT = batch["labels"]
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX)
+        if not with_accuracy:
+            return loss
+        scored = labels_BT != IGNORE_INDEX
+        acc = (logits_BTV.argmax(-1)[scored] == labels_BT[scored]).float().mean()
+        return loss, acc
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward (e.g. MoE load balance): any submodule with
@@ -81,13 +89,21 @@ class LanguageModel(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.loss(batch)
-        self.aux_losses()  # discard: validation scores the LM loss only
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("test/loss", self.loss(batch), sync_dist=True)
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def _evaluate(self, split: str, batch: dict, dataloader_idx: int) -> None:
+        """Logs ``{split}/loss`` and ``{split}/acc``; with several loaders (e.g. evaluation at
+        several sequence lengths) the data module's ``val_names[i]`` suffixes the keys."""
+        loss, acc = self.loss(batch, with_accuracy=True)
+        self.aux_losses()  # discard: evaluation scores the LM loss only
+        names = getattr(getattr(self.trainer, "datamodule", None), "val_names", None)
+        suffix = f"_{names[dataloader_idx]}" if names else ""
+        self.log(f"{split}/loss{suffix}", loss, prog_bar=not suffix, sync_dist=True, add_dataloader_idx=False)
+        self.log(f"{split}/acc{suffix}", acc, sync_dist=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
