@@ -1,4 +1,7 @@
-"""Checkpoint reading and writing: atomic saves, ``weights_only`` loads, ``lm.load_model``.
+"""Checkpoint reading: ``weights_only`` loads, architecture checks, ``lm.load_model``.
+
+Pure torch (no Lightning import), so ``lm generate``/``lm export`` start fast; the atomic writer
+Lightning uses is ``lm.training.checkpoint_io.AtomicCheckpointIO``.
 
 A Lightning checkpoint of ``LanguageModel`` carries ``checkpoint["lm"] = {"config", "tokenizer"}``
 as plain types, so everything here loads with ``torch.load(weights_only=True)``.
@@ -6,38 +9,12 @@ as plain types, so everything here loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lm.errors import CheckpointMismatchError
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Streams the checkpoint into a temporary file in the same folder, fsyncs, then
-    ``os.replace``s it into place: killing the process mid-save leaves the previous checkpoint
-    intact, and a power loss right after the save does not leave an empty file. (Lightning's own
-    IO first serialises the whole checkpoint into memory, doubling host RAM for big models, and
-    does not fsync.)
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -43,7 +43,8 @@ class Registry:
         """
         cls = self.get(name, key)
         options = dict(options or {})
-        params = inspect.signature(cls.__init__).parameters
+        # parameters after self and the positional args are the ones a recipe may set
+        params = dict(list(inspect.signature(cls.__init__).parameters.items())[1 + len(args):])
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             accepted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty}
             for opt in options:

@@ -3,6 +3,9 @@
 Caches (``LM_CACHE``, ``HF_HOME``, ``WANDB_DIR``) point at one temporary folder per test session.
 They are set in ``pytest_configure`` — before collection imports ``transformers``, which reads
 ``HF_HOME`` at import time — and inherited by the subprocesses tests start.
+
+Torch runs single-threaded (``OMP_NUM_THREADS=1`` unless set): the tests' tensors are tiny and the
+CI machine's 2 cores are shared, where OpenMP's thread barriers make small ops 10-30x slower.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for subprocesses
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_unconfigure(config):

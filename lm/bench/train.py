@@ -6,8 +6,11 @@ checkpointing off) over tokens/s of a minimal PyTorch loop on the same ``Decoder
 synthetic batches (random ids, fixed seed, an in-memory list of ``{"input_ids", "labels"}``), the
 same AdamW + schedule (``build_optimizer``), fp32, and gradient clipping at 1.0 in both. Each run
 times steps ``warmup .. warmup+steps`` only, as the period between consecutive step starts (a
-callback's ``on_train_batch_start`` for the Trainer), so data fetch, logging and callbacks count.
-The two runs alternate (plain, fw, fw, plain, ...) and the median of the per-pair ratios is kept.
+callback's ``on_train_batch_start`` for the Trainer), so data fetch, logging and callbacks count;
+a run's step time is the median period on CPU (other jobs' bursts on a shared machine drop out)
+and the window's mean on CUDA (synchronised at its ends only). The two runs alternate (plain, fw,
+fw, plain, ...) and the median of the per-pair ratios is kept; ``train.framework_overhead_ms`` is
+the median per-pair difference of step times.
 
 ``train.mfu_{fp32,bf16}`` = ``model.flops_per_token(seq_len)`` x tokens/s of the plain loop (fp32,
 or bf16 autocast) / the matmul peak measured in this run for that dtype (``measure_matmul_peak``,
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -68,6 +72,14 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int = SEED)
 
 
 # -- the plain loop ----------------------------------------------------------------------------
+def step_period(stamps: list[float], device: torch.device) -> float:
+    """Seconds per step from the step-start stamps: the median period on CPU (robust to the other
+    jobs' bursts on a shared machine); on CUDA the window's mean, as only its ends are synchronised."""
+    if device.type == "cuda":
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def plain_run(cfg: DecoderConfig, optim: OptimConfig, batches: list[dict], warmup: int, steps: int,
               device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Minimal PyTorch training loop; returns tokens/s over steps ``warmup..warmup+steps``."""
@@ -76,10 +88,10 @@ def plain_run(cfg: DecoderConfig, optim: OptimConfig, batches: list[dict], warmu
     opt, sched = build_optimizer(model, optim, warmup + steps + 1)
     amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     params = list(model.parameters())
-    t0 = None
+    stamps = []
     for i, batch in enumerate(batches[: warmup + steps]):
-        if i == warmup:
-            t0 = clock(device)
+        if i >= warmup:
+            stamps.append(clock(device) if i == warmup else time.perf_counter())
         ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with amp:
@@ -90,8 +102,9 @@ def plain_run(cfg: DecoderConfig, optim: OptimConfig, batches: list[dict], warmu
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         sched.step()
-    dt = clock(device) - t0
-    return {"tps": steps * batches[0]["input_ids"].numel() / dt, "loss": float(loss.detach())}
+    stamps.append(clock(device))
+    period = step_period(stamps, device)
+    return {"tps": batches[0]["input_ids"].numel() / period, "step_s": period, "loss": float(loss.detach())}
 
 
 # -- the framework: a real Trainer fitting LanguageModel ----------------------------------------
@@ -110,15 +123,17 @@ def _step_clock(warmup: int, steps: int, device: torch.device):
     import lightning as L
 
     class StepClock(L.Callback):
-        """Timestamps the start of steps ``warmup`` and ``warmup + steps``; keeps the last loss."""
+        """Timestamps the start of steps ``warmup .. warmup + steps`` (synchronised at both ends);
+        keeps the last timed step's loss."""
 
         def __init__(self):
-            self.t: dict[int, float] = {}
+            self.stamps: list[float] = []
             self.loss = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx in (warmup, warmup + steps):
-                self.t[batch_idx] = clock(device)
+            if warmup <= batch_idx <= warmup + steps:
+                ends = batch_idx in (warmup, warmup + steps)
+                self.stamps.append(clock(device) if ends else time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == warmup + steps - 1:
@@ -151,8 +166,8 @@ def framework_run(cfg: DecoderConfig, optim: OptimConfig, batches: list[dict], w
             limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
         loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False)
         trainer.fit(module, train_dataloaders=loader)
-    dt = timer.t[warmup + steps] - timer.t[warmup]
-    return {"tps": steps * batches[0]["input_ids"].numel() / dt, "loss": float(timer.loss)}
+    period = step_period(timer.stamps, device)
+    return {"tps": batches[0]["input_ids"].numel() / period, "step_s": period, "loss": float(timer.loss)}
 
 
 @contextlib.contextmanager
@@ -195,6 +210,7 @@ def run(quick: bool = False, device: str = "auto", repeats: int | None = None, o
             "framework": lambda: framework_run(cfg, optim, batches, p.warmup, p.steps, dev, peak32),
         }, p.repeats)
     plain_tps = [r["tps"] for r in runs["plain"]]
+    overhead_ms = 1e3 * median(f["step_s"] - q["step_s"] for f, q in zip(runs["framework"], runs["plain"]))
     fw_tps = [r["tps"] for r in runs["framework"]]
     loss_gap = abs(runs["plain"][-1]["loss"] - runs["framework"][-1]["loss"])
 
@@ -225,6 +241,7 @@ def run(quick: bool = False, device: str = "auto", repeats: int | None = None, o
         "train.tokens_per_s_fp32": median(plain_tps),
         "train.tokens_per_s_bf16": bf16_tps,
         "train.bf16_vs_fp32": median_ratio([r["tps"] for r in bruns["bf16"]], [r["tps"] for r in bruns["fp32"]]),
+        "train.framework_overhead_ms": overhead_ms,
         "train.flops_per_token": fpt,
         "train.peak_flops_fp32": peak32,
         "train.peak_flops_bf16": peak16,
@@ -242,6 +259,7 @@ def run(quick: bool = False, device: str = "auto", repeats: int | None = None, o
     out(table("train: tokens/s (median; per-run values)", ["run", "batch", "tokens/s", "runs"], rows))
     out(table("train: figures", ["figure", "value"], [
         ["framework_vs_plain (median of pair ratios; target >= 0.95)", res["train.framework_vs_plain"]],
+        ["framework step - plain step, ms (median of pairs)", overhead_ms],
         ["peak matmul fp32 FLOP/s", peak32], ["peak matmul bf16 FLOP/s", peak16],
         ["MFU fp32 (plain loop)", res["train.mfu_fp32"]], ["MFU bf16 (plain loop)", res["train.mfu_bf16"]],
         ["bf16 / fp32 tokens/s (same shape)", res["train.bf16_vs_fp32"]],

@@ -89,4 +89,4 @@ class SlidingWindowAttention(Attention):
         return T <= self.window
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> RollingKVCache:
-        return RollingKVCache(batch, self.num_kv_heads, min(self.window, max_len), self.head_dim, device, dtype)
+        return RollingKVCache(batch, self.num_kv_heads, self.window, self.head_dim, device, dtype)

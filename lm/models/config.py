@@ -73,9 +73,12 @@ class DecoderConfig:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{k}{name}: must be positive, got {getattr(self, name)}")
+        for name in ("head_dim", "ffn_hidden", "num_kv_heads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{k}{name}: must be positive, got {getattr(self, name)}")
         if self.head_dim is None and self.dim % self.num_heads:
             raise ValueError(f"{k}dim: {self.dim} is not divisible by num_heads={self.num_heads}")
-        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"{k}num_kv_heads: num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if self.head_size % 2:

@@ -72,5 +72,6 @@ class DecoderLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N (matmuls, fwd+bwd) + 12·L·D·T (attention scores, PaLM app. B)."""
         n = sum(p.numel() for p in self.parameters()) - self.embed.weight.numel() * (not self.cfg.tie_embeddings)
-        attn_layers = sum(1 for b in self.blocks if hasattr(b.mixer, "num_heads"))
-        return 6 * n + 12 * attn_layers * self.cfg.num_heads * self.cfg.head_size * seq_len
+        # attention scores: 12 * heads * head_dim * (keys each query sees), per attention layer
+        spans = [min(seq_len, getattr(b.mixer, "window", seq_len)) for b in self.blocks if hasattr(b.mixer, "num_heads")]
+        return 6 * n + 12 * self.cfg.num_heads * self.cfg.head_size * sum(spans)

@@ -33,8 +33,10 @@ def _rename(key: str, table) -> str:
 
 
 def _uniform(cfg, mixer: str) -> bool:
+    """Every layer has the same mixer, options and SwiGLU ffn (HF configs are per model)."""
     specs = [cfg.layer(i) for i in range(cfg.num_layers)]
-    return all(s.mixer == mixer and s.ffn == "swiglu" and not s.mixer_options.get("bias") for s in specs)
+    same = all(s.mixer_options == specs[0].mixer_options and s.ffn_options == specs[0].ffn_options for s in specs)
+    return same and all(s.mixer == mixer and s.ffn == "swiglu" and not s.mixer_options.get("bias") for s in specs)
 
 
 class LlamaExporter:
@@ -46,7 +48,7 @@ class LlamaExporter:
     def hf_config(self, cfg, tokenizer_eos: int | None) -> dict:
         from lm.nn.mlp import default_hidden
 
-        hidden = cfg.ffn_hidden or cfg.layer(0).ffn_options.get("hidden") or default_hidden(cfg.dim, "swiglu")
+        hidden = cfg.layer(0).ffn_options.get("hidden") or cfg.ffn_hidden or default_hidden(cfg.dim, "swiglu")
         return {
             "architectures": [self.arch], "model_type": self.model_type, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.dim, "intermediate_size": hidden, "num_hidden_layers": cfg.num_layers,

@@ -21,7 +21,7 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | 
     if top_p is not None and top_p < 1.0:
         sorted_BV, idx_BV = torch.sort(logits_BV, descending=True, dim=-1)
         cum = sorted_BV.softmax(-1).cumsum(-1)
-        drop = cum - sorted_BV.softmax(-1) > top_p  # keep the smallest prefix with mass >= top_p
+        drop = cum - sorted_BV.softmax(-1) >= top_p  # keep the smallest prefix with mass >= top_p
         sorted_BV = sorted_BV.masked_fill(drop, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, idx_BV, sorted_BV)
     probs = logits_BV.softmax(-1)

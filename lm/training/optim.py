@@ -25,6 +25,14 @@ class OptimConfig:
             raise ValueError(f"model.optim.lr: must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"model.optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"model.optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"model.optim.betas: need two values in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ValueError(f"model.optim.eps: must be positive, got {self.eps}")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ValueError(f"model.optim.decay_steps: must be positive (or null for the run's steps), got {self.decay_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"model.optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
 

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lm.callbacks import Throughput
-from lm.checkpoint import AtomicCheckpointIO
+from lm.training.checkpoint_io import AtomicCheckpointIO
 import lm.parallel  # noqa: F401  (registers the strategy short names)
 from lm.training.module import LanguageModel
 

@@ -1,0 +1,53 @@
+"""``model.init_args.parallel`` in a recipe: the per-block switches of ``lm.parallel.parallelize``.
+
+The *strategy* (DDP, FSDP2, ZeRO) is a trainer flag (``--trainer.strategy``); what is applied to
+each Block (activation checkpointing, ``torch.compile``, FSDP2 resharding) is configured here, in one
+place, so the same recipe runs on one CPU and on many GPU nodes. The switches are numerically
+neutral: activation checkpointing recomputes exactly, and the checkpoint format does not depend on
+any of them (a run may be resumed with them changed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class ParallelConfig:
+    """Per-block parallel plan, applied in the order activation checkpointing -> compile -> FSDP2.
+
+    Args:
+        activation_checkpointing: recompute each Block's activations in the backward pass
+            (``torch.utils.checkpoint``, non-reentrant) instead of storing them.
+        compile: ``torch.compile`` each Block's forward (the FSDP2/DeepSpeed hooks stay outside the
+            compiled region).
+        compile_mode: ``torch.compile(mode=...)``; None is torch's default.
+        reshard_after_forward: FSDP2 only: free each Block's gathered parameters after its forward
+            and gather them again for the backward (ZeRO-3 memory); False keeps them until the
+            backward (ZeRO-2 memory, one all-gather less per block).
+    """
+
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_mode: Optional[str] = None
+    reshard_after_forward: bool = True
+
+    def __post_init__(self):
+        for key in ("activation_checkpointing", "compile", "reshard_after_forward"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.parallel.{key}: must be true or false, got {getattr(self, key)!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.parallel.compile_mode: {self.compile_mode!r} is not one of "
+                             f"{', '.join(map(str, COMPILE_MODES))}")
+
+    @classmethod
+    def of(cls, module) -> "ParallelConfig":
+        """The plan of a LightningModule (its ``parallel`` attribute; dicts are accepted)."""
+        cfg = getattr(module, "parallel", None)
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, dict):
+            return cls(**cfg)
+        return cfg
