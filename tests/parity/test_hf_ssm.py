@@ -20,12 +20,6 @@ from lm.tools.export_ssm import MambaExporter, RwkvExporter  # noqa: E402
 HAS_EMBED_NORM = "embed_norm" in {f.name for f in dataclasses.fields(DecoderConfig)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _perturb(model):
