@@ -18,16 +18,25 @@ from lm.errors import CheckpointMismatchError
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a Lightning checkpoint file with ``weights_only=True``; clear errors for bad paths."""
+    """Loads a Lightning checkpoint with ``weights_only=True``; clear errors for bad paths.
+
+    ``path`` is a checkpoint file, a run folder or checkpoints folder (its ``last.ckpt``), or a
+    sharded checkpoint folder of FSDP2 (DCP) or DeepSpeed (e.g. ``checkpoints/last.ckpt/``), which
+    ``lm.parallel.consolidate`` merges into one full ``state_dict`` next to the ``lm`` entry.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        last = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
-        if not last.exists():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder without last.ckpt")
-        path = last
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "last.ckpt").exists()):
+        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {str(path.parent)!r} is a folder without last.ckpt")
+    if path.is_dir():  # imports Lightning (and DeepSpeed for its folders): only sharded checkpoints pay it
+        from lm.parallel.consolidate import consolidate
+
+        ckpt = consolidate(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "lm" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"checkpoint {str(path)!r} was not written by lm (no 'lm' entry)")
     return ckpt

@@ -16,13 +16,17 @@ class FitReport(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        from lm.parallel import forward_needs_all_ranks
+
+        collective = forward_needs_all_ranks(pl_module)  # FSDP2 / ZeRO-3: every rank runs the forward
+        if not trainer.is_global_zero and not collective:
             return
-        loss = trainer.callback_metrics.get("val/loss")
-        if loss is None:
-            print("[lm] no validation loss was computed (limit_val_batches=0?)")
-        else:
-            print(f"[lm] val/loss {float(loss):.4f}  val/ppl {math.exp(min(float(loss), 30)):.2f}")
+        if trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("val/loss")
+            if loss is None:
+                print("[lm] no validation loss was computed (limit_val_batches=0?)")
+            else:
+                print(f"[lm] val/loss {float(loss):.4f}  val/ppl {math.exp(min(float(loss), 30)):.2f}")
         dm = trainer.datamodule
         tok = getattr(dm, "tokenizer", None)
         if tok is None or not hasattr(pl_module.model, "init_cache"):
@@ -36,4 +40,5 @@ class FitReport(L.Callback):
                                  max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                  top_k=self.top_k, seed=self.seed)
         pl_module.train(was_training)
-        print(f"[lm] sample: {text!r}")
+        if trainer.is_global_zero:
+            print(f"[lm] sample: {text!r}")

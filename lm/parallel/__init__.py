@@ -49,7 +49,7 @@ def parallelize(module) -> None:
     if cfg.compile:
         from lm.parallel.fsdp import apply_compile
 
-        apply_compile(blocks, mode=cfg.compile_mode)
+        apply_compile(blocks, mode=cfg.compile_mode, backend=cfg.compile_backend)
     trainer = getattr(module, "_trainer", None)
     strategy = getattr(trainer, "strategy", None)
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -24,6 +24,8 @@ class ParallelConfig:
         compile: ``torch.compile`` each Block's forward (the FSDP2/DeepSpeed hooks stay outside the
             compiled region).
         compile_mode: ``torch.compile(mode=...)``; None is torch's default.
+        compile_backend: ``torch.compile(backend=...)``: ``inductor`` (generated kernels), or e.g.
+            ``aot_eager`` (graph capture only: quick, for debugging).
         reshard_after_forward: FSDP2 only: free each Block's gathered parameters after its forward
             and gather them again for the backward (ZeRO-3 memory); False keeps them until the
             backward (ZeRO-2 memory, one all-gather less per block).
@@ -32,6 +34,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     compile_mode: Optional[str] = None
+    compile_backend: str = "inductor"
     reshard_after_forward: bool = True
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ here is ``weights_only=True`` except DeepSpeed's own merge of its optimizer part
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def _from_deepspeed(path: Path) -> dict[str, Any]:
 
     states = _ds_model_states(path)
     ckpt = {k: v for k, v in states.items() if k not in _DS_ENGINE_KEYS}
-    full = get_fp32_state_dict_from_zero_checkpoint(str(path))  # merges the fp32 partitions of every rank
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        full = get_fp32_state_dict_from_zero_checkpoint(str(path))  # merges the fp32 partitions of every rank
     ckpt["state_dict"] = {_strip(k): v for k, v in full.items()}
     return ckpt
 

@@ -63,13 +63,13 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> int:
     return sum(_swap_class(b, _Checkpointed) for b in blocks)
 
 
-def apply_compile(blocks: Iterable[nn.Module], mode: Optional[str] = None) -> int:
+def apply_compile(blocks: Iterable[nn.Module], mode: Optional[str] = None, backend: str = "inductor") -> int:
     """``torch.compile`` each block's forward (module hooks, e.g. FSDP2's, stay eager). Idempotent;
-    one compiled function per block class and mode."""
+    one compiled function per block class, mode and backend."""
     def attrs(cls):
-        return {"_lm_compiled_forward": torch.compile(cls.forward, mode=mode)}
+        return {"_lm_compiled_forward": torch.compile(cls.forward, mode=mode, backend=backend)}
 
-    return sum(_swap_class(b, _Compiled, key=(mode,), attrs=attrs) for b in blocks)
+    return sum(_swap_class(b, _Compiled, key=(mode, backend), attrs=attrs) for b in blocks)
 
 
 def mixed_precision_policy(precision: str | None):

@@ -51,6 +51,16 @@ def _swap_in(strategy, path: Path, write: Callable[[Path], None]) -> None:
     strategy.barrier("lm_ckpt_swapped")
 
 
+def _remove(strategy, filepath, remove_file: Callable) -> None:
+    """Removes an old checkpoint (ModelCheckpoint's top-k): folders on rank 0, files as Lightning does."""
+    path = Path(filepath)
+    if path.is_dir():
+        if strategy.is_global_zero:
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        remove_file(filepath)
+
+
 def _check_architecture(module, path: Path) -> None:
     """Raises ``CheckpointMismatchError`` when the sharded checkpoint at ``path`` is of another model."""
     from lm.checkpoint import check_compatible
@@ -98,6 +108,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         _swap_in(self, path, lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp))
+
+    def remove_checkpoint(self, filepath) -> None:
+        _remove(self, filepath, super().remove_checkpoint)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
         path = Path(self.broadcast(str(checkpoint_path)))
@@ -153,6 +166,9 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         path = Path(self.broadcast(str(filepath)))
         _swap_in(self, path, lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp))
 
+    def remove_checkpoint(self, filepath) -> None:
+        _remove(self, filepath, super().remove_checkpoint)
+
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
@@ -168,8 +184,8 @@ def register_strategies() -> None:
             StrategyRegistry.register(name, DeepSpeedStrategy, description=entry["description"], override=True,
                                       **entry["init_params"])
     StrategyRegistry.register(
-        "fsdp2", FSDP2Strategy, description="FSDP2 fully_shard per block (Lightning ModelParallelStrategy), DCP checkpoints",
-        override=True, save_distributed_checkpoint=True, tensor_parallel_size=1)
+        "fsdp2", FSDP2Strategy, override=True,
+        description="FSDP2 fully_shard per block (Lightning ModelParallelStrategy), DCP checkpoints", save_distributed_checkpoint=True, tensor_parallel_size=1)
 
 
 def check_strategy(strategy: Any) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.models import DecoderConfig, DecoderLM
+from lm.parallel.config import ParallelConfig
 from lm.training.optim import OptimConfig, build_optimizer
 
 IGNORE_INDEX = -100
@@ -24,10 +25,12 @@ class LanguageModel(L.LightningModule):
     Labels equal to -100 are ignored (synthetic tasks score only their answer positions).
     """
 
-    def __init__(self, config: DecoderConfig = DecoderConfig(), optim: OptimConfig = OptimConfig()):
+    def __init__(self, config: DecoderConfig = DecoderConfig(), optim: OptimConfig = OptimConfig(),
+                 parallel: ParallelConfig = ParallelConfig()):
         super().__init__()
         self.config = config if isinstance(config, DecoderConfig) else DecoderConfig.from_dict(config)
         self.optim = optim
+        self.parallel = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**parallel)
         self.model = DecoderLM(self.config)
         self.tokenizer_json: Optional[str] = None  # travels in the checkpoint for generate/export
 
@@ -122,5 +125,6 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from lm.checkpoint import check_compatible
 
-        check_compatible(self.model, checkpoint["state_dict"], prefix="model.")
+        if "state_dict" in checkpoint:  # FSDP2 (DCP) and DeepSpeed load and check the weights themselves
+            check_compatible(self.model, checkpoint["state_dict"], prefix="model.")
         self.tokenizer_json = checkpoint.get("lm", {}).get("tokenizer", self.tokenizer_json)

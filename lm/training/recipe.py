@@ -25,6 +25,7 @@ class LMCLI(LightningCLI):
     the throughput/MFU callback."""
 
     def _instantiate_trainer(self, config, callbacks):
+        lm.parallel.check_strategy(config.get("strategy"))  # one line naming trainer.strategy
         root = config.get("default_root_dir") or os.getcwd()
         config["default_root_dir"] = root
         given = list(config.get("callbacks") or []) + list(callbacks)

@@ -73,12 +73,13 @@ def lm_fit(args: list, tmp: Path, timeout: int = 600) -> subprocess.CompletedPro
     return run([sys.executable, "-m", "lm.cli", "fit", *args], tmp, timeout)
 
 
-def fit_many(jobs: list[tuple[list, int]], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Several ``lm fit ARGS`` runs, given as ``(ARGS, expected exit status)``, in one
-    ``torchrun --nproc_per_node=2`` launch (start-up paid once)."""
+def fit_many(jobs: list[dict], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Several ``lm fit`` runs in one ``torchrun --nproc_per_node=2`` launch (start-up paid once);
+    a job is ``{"args": [...], "rc": expected exit status, "log": optional stderr path prefix}``."""
     jobs_file = tmp / "jobs.json"
     tmp.mkdir(parents=True, exist_ok=True)
-    jobs_file.write_text(json.dumps([{"args": ["fit", *map(str, a)], "rc": rc} for a, rc in jobs]))
+    jobs_file.write_text(json.dumps([{**j, "args": ["fit", *map(str, j["args"])],
+                                      **({"log": str(j["log"])} if j.get("log") else {})} for j in jobs]))
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 FIT_MANY, jobs_file], tmp, timeout)
 
