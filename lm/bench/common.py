@@ -35,6 +35,15 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def step_period(stamps: list[float], device: torch.device) -> float:
+    """Seconds per step from step-start stamps (the last one: the end). CPU: the median period,
+    robust to the other jobs' bursts on a shared machine. CUDA: the window's mean, as only its ends
+    are synchronised (a sync per step would stop the host from running ahead of the device)."""
+    if device.type == "cuda":
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -24,11 +24,14 @@ the time per token at the largest context over that at the smallest (flat: 1.0).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from lm.bench.common import clock, device_name, interleave, median, median_ratio, resolve_device, table
+from lm.bench.common import (
+    clock, device_name, interleave, median, median_ratio, resolve_device, step_period, table,
+)
 from lm.models import DecoderConfig, DecoderLM
 
 SEED = 1234
@@ -69,16 +72,18 @@ def prefill(model: DecoderLM, ids_BT: torch.Tensor, cache, chunk: int) -> None:
 
 
 def time_decode(model: DecoderLM, cache, ids_NB1: torch.Tensor, device, rewind_to: int | None) -> float:
-    """Seconds per decode step over ``len(ids_NB1)`` steps, after one untimed step."""
+    """Seconds per decode step over ``len(ids_NB1)`` steps, after one untimed step (median step on
+    CPU, mean on CUDA: see ``step_period``)."""
     if rewind_to is not None:
         cache.pos = rewind_to
     model(ids_NB1[0], cache=cache)
     if rewind_to is not None:
         cache.pos = rewind_to
-    t0 = clock(device)
-    for ids_B1 in ids_NB1:
+    stamps = [clock(device)]
+    for i, ids_B1 in enumerate(ids_NB1):
         model(ids_B1, cache=cache)
-    return (clock(device) - t0) / len(ids_NB1)
+        stamps.append(clock(device) if i == len(ids_NB1) - 1 else time.perf_counter())
+    return step_period(stamps, device)
 
 
 @torch.inference_mode()

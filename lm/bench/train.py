@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lm.bench.common import clock, device_name, fmt, interleave, median, median_ratio, resolve_device, table
+from lm.bench.common import (
+    clock, device_name, fmt, interleave, median, median_ratio, resolve_device, step_period, table,
+)
 from lm.models import DecoderConfig, DecoderLM
 from lm.training.optim import OptimConfig, build_optimizer
 
@@ -72,14 +74,6 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int = SEED)
 
 
 # -- the plain loop ----------------------------------------------------------------------------
-def step_period(stamps: list[float], device: torch.device) -> float:
-    """Seconds per step from the step-start stamps: the median period on CPU (robust to the other
-    jobs' bursts on a shared machine); on CUDA the window's mean, as only its ends are synchronised."""
-    if device.type == "cuda":
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    return median(b - a for a, b in zip(stamps, stamps[1:]))
-
-
 def plain_run(cfg: DecoderConfig, optim: OptimConfig, batches: list[dict], warmup: int, steps: int,
               device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Minimal PyTorch training loop; returns tokens/s over steps ``warmup..warmup+steps``."""

@@ -128,22 +128,31 @@ class MultiQueryAssociativeRecall(SyntheticTask):
 class InductionHeads(SyntheticTask):
     """Induction heads as in Mamba (Gu & Dao 2023, Sec. 4.1.2; Olsson et al. 2022).
 
-    Random tokens from ``[2, V)``; the trigger (token 1) appears once at a random position followed by
-    the answer token, and again at the last position, where the model must predict the answer.
+    Random tokens from ``[2, V)``; the trigger (token 1) appears at a random position followed by the
+    answer token, and again at the last position, where the model must predict the answer
+    (``num_queries=1``, Mamba's task). ``num_queries > 1`` adds ``num_queries - 1`` earlier
+    recurrences of the trigger at random positions after the first, each followed by the answer in
+    the input (``A B ... A B ... A -> B``) and each scored: a denser signal for the same mechanism.
     """
 
-    def __init__(self, seq_len: int, vocab_size: int):
+    def __init__(self, seq_len: int, vocab_size: int, *, num_queries: int = 1):
         super().__init__(seq_len, vocab_size)
+        self.num_queries = _positive_int(num_queries, f"{_KEY}.num_queries")
         _require(vocab_size >= 4, "data.vocab_size", f"induction_heads needs vocab_size >= 4, got {vocab_size}")
-        _require(seq_len >= 3, "data.seq_len", f"induction_heads needs seq_len >= 3, got {seq_len}")
+        _require(2 * self.num_queries + 1 <= seq_len, f"{_KEY}.num_queries",
+                 f"{num_queries} queries need seq_len >= 2 * num_queries + 1 = {2 * num_queries + 1}, got {seq_len}")
 
     def sample(self, rng):
         ids, labels = self._empty()
-        T = self.seq_len
+        T, n = self.seq_len, self.num_queries
         ids[:] = rng.integers(2, self.vocab_size, T)
-        p = int(rng.integers(0, T - 2))  # trigger at p, answer at p + 1 <= T - 2
-        ids[p] = MARKER
-        ids[T - 1], labels[T - 1] = MARKER, ids[p + 1]
+        answer = int(rng.integers(2, self.vocab_size))
+        # n blocks "trigger answer" at random non-overlapping places of the first T - 1 positions
+        c = np.sort(rng.choice(T - 1 - n, n, replace=False))
+        pos = c + np.arange(n)  # block starts, pairwise >= 2 apart, last one <= T - 3
+        ids[pos], ids[pos + 1] = MARKER, answer
+        labels[pos[1:]] = answer  # every recurrence of the trigger after the first is a query
+        ids[T - 1], labels[T - 1] = MARKER, answer
         return ids, labels
 
 

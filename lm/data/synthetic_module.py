@@ -25,6 +25,8 @@ class SyntheticDataModule(L.LightningDataModule):
         task: a name of ``lm.data.synthetic.TASKS`` (``associative_recall``, ``mqar``,
             ``induction_heads``, ``selective_copying``, ``copy_at_distance``).
         task_options: keyword options of the task (e.g. ``{num_pairs: 8}``), checked at build time.
+        eval_task_options: options of the evaluation sets, over ``task_options`` (None: the same);
+            e.g. train induction heads with several queries per sequence, evaluate Mamba's one.
         seq_len: training sequence length (T).
         eval_seq_lens: sequence lengths of the evaluation sets (None: ``[seq_len]``).
         batch_size: samples per batch on each rank (training and evaluation).
@@ -38,7 +40,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def __init__(self, task: str = "associative_recall", task_options: Optional[dict[str, Any]] = None,
                  seq_len: int = 128, eval_seq_lens: Optional[list[int]] = None, batch_size: int = 32,
                  num_train: int = 100_000, num_val: int = 256, seed: int = 1234, vocab_size: int = 32,
-                 num_workers: int = 0):
+                 num_workers: int = 0, eval_task_options: Optional[dict[str, Any]] = None):
         super().__init__()
         for key, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_train", num_train, 1),
                                 ("num_val", num_val, 1), ("vocab_size", vocab_size, 1), ("num_workers", num_workers, 0)):
@@ -52,12 +54,19 @@ class SyntheticDataModule(L.LightningDataModule):
         if num_train < batch_size:
             raise ValueError(f"data.num_train: {num_train} samples are fewer than one batch (batch_size={batch_size})")
         self.task_name, self.task_options = task, dict(task_options or {})
+        self.eval_task_options = {**self.task_options, **(eval_task_options or {})}
         self.seq_len, self.eval_seq_lens, self.batch_size = seq_len, eval_seq_lens, batch_size
         self.num_train, self.num_val, self.seed, self._vocab_size = num_train, num_val, seed, vocab_size
         self.num_workers = num_workers
         # build every task now: bad options fail at parse/build time, naming the key
         self.train_task = build_task(task, seq_len, vocab_size, self.task_options)
-        self.eval_tasks = [build_task(task, n, vocab_size, self.task_options) for n in eval_seq_lens]
+        try:
+            self.eval_tasks = [build_task(task, n, vocab_size, self.eval_task_options) for n in eval_seq_lens]
+        except ValueError as err:  # name the key the user wrote
+            key = str(err).split(":", 1)[0].removeprefix("data.task_options.")
+            if key in (eval_task_options or {}):
+                raise ValueError(str(err).replace("data.task_options.", "data.eval_task_options.", 1)) from None
+            raise
         self.val_names = [f"L{n}" for n in eval_seq_lens]
         self.tokenizer = None  # no tokenizer: LanguageModel.setup skips its vocabulary check
 

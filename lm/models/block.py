@@ -9,6 +9,7 @@ from torch import nn
 
 import lm.mixers  # noqa: F401  (registers the mixers)
 import lm.nn.mlp  # noqa: F401  (registers the ffns)
+import lm.nn.moe  # noqa: F401  (registers ffn "moe")
 import lm.nn.norm  # noqa: F401  (registers the norms)
 from lm.registry import FFNS, MIXERS, NORMS
 

@@ -47,10 +47,11 @@ def test_registry_names():
 
 def test_bench_train_quick(tmp_path, capsys):
     path = tmp_path / "train.json"
-    assert bench_main(["train", "--quick", "--device", "cpu", "--json", str(path)]) == 0
+    assert bench_main(["train", "--quick", "--device", "cpu", "--threads", "1", "--json", str(path)]) == 0
     d = json.loads(path.read_text())
     check_figures(d, TRAIN_KEYS)
     assert all(k.startswith("train.") for k in d)
+    assert d["train.threads"] == 1.0
     assert "framework_vs_plain" in capsys.readouterr().out  # the readable table
 
 
