@@ -15,9 +15,9 @@ The token-level mask is therefore::
 
     mask(q, k, h) = k <= q  and  ( [k//b in table[h, q//b]] and rule(q, k, h)  or  q in G  or  k in G )
 
-Both backends read the same layout: ``blocksparse.py`` gathers the table's key blocks (plus the
-global columns and rows), ``flex.py`` turns the table into a FlexAttention ``BlockMask`` whose
-``mask_mod`` is the expression above. ``mask`` evaluates it densely for given positions (decode
+Both backends (``backends.py``) read the same layout: the block-sparse one gathers the table's key
+blocks (plus the global columns and rows), the flex one turns the table into a FlexAttention
+``BlockMask`` whose ``mask_mod`` is the expression above. ``mask`` evaluates it densely for given positions (decode
 steps over a cache, and the references of the tests; never at long prefill lengths).
 
 Legend: H heads, N blocks, W table width (key blocks per query block), b block size, T queries,
