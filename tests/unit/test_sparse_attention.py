@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
+from lm.bench.attention import PeakTensorMemory
 from lm.mixers.sparse.backends import block_sparse_attention, flex_sparse_attention, gathered_keys
 from lm.mixers.sparse.layout import BigBirdLayout, LongformerLayout, SlidingWindowLayout, dense_reference_mask
 from lm.models import DecoderConfig, DecoderLM
@@ -127,18 +128,32 @@ def _fwd_bwd_flops(fn, T):
     return fc.get_total_flops()
 
 
+def _fwd_bwd_peak_bytes(fn, T):
+    q, k, v = qkv(T, D=16, K=H, B=1)
+    fn(q, k, v)  # layout tables and masks are cached per length: build them outside the probe
+    with PeakTensorMemory() as pm:
+        fn(q, k, v).sum().backward()
+    return pm.peak
+
+
 @pytest.mark.parametrize("name", ["sliding", "longformer", "bigbird"])
 def test_blocksparse_work_is_linear_in_length(name):
     lay = layouts(block_size=16, max_seq_len=4096)[name]
-    sparse = [_fwd_bwd_flops(lambda q, k, v: block_sparse_attention(q, k, v, lay), T) for T in (512, 1024, 2048)]
-    entries = [gathered_keys(lay, T) for T in (512, 1024, 2048)]
+    sparse = [_fwd_bwd_flops(lambda q, k, v: block_sparse_attention(q, k, v, lay), T) for T in (256, 512, 1024)]
+    entries = [gathered_keys(lay, T) for T in (256, 512, 1024)]
     for a, b in zip(sparse, sparse[1:]):
         assert 1.8 < b / a < 2.2, sparse
     for a, b in zip(entries, entries[1:]):
         assert 1.8 < b / a < 2.2, entries
     dense = [_fwd_bwd_flops(lambda q, k, v: dense_masked(q, k, v, dense_reference_mask(lay, q.shape[2])), T)
-             for T in (512, 1024)]
+             for T in (256, 512)]
     assert dense[1] / dense[0] > 3.5  # the same counter sees dense attention's T^2
+    peaks = [_fwd_bwd_peak_bytes(lambda q, k, v: block_sparse_attention(q, k, v, lay), T) for T in (256, 512, 1024)]
+    for a, b in zip(peaks, peaks[1:]):
+        assert 1.7 < b / a < 2.2, peaks
+    dense_peaks = [_fwd_bwd_peak_bytes(lambda q, k, v: dense_masked(q, k, v, dense_reference_mask(lay, q.shape[2])), T)
+                   for T in (256, 512)]
+    assert dense_peaks[1] / dense_peaks[0] > 3.5, dense_peaks
 
 
 # -- the mixers in the model ---------------------------------------------------------------------

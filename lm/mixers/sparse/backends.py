@@ -113,7 +113,6 @@ def block_sparse_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: t
     return out_BHTD
 
 
-
 # -- FlexAttention ------------------------------------------------------------------------------
 _COMPILED = {}
 
