@@ -12,6 +12,10 @@ After each training step this callback logs, per MoE layer ``i``:
 and the means over layers ``moe/cv``, ``moe/dropped``, ``moe/max_load``. When ``fit`` ends, rank 0
 writes ``expert_load.png`` (one heatmap per layer: expert × step, colour = load) and
 ``expert_load.csv`` (step, layer, load of every expert) to ``trainer.default_root_dir``.
+
+Under expert parallelism (``lm.parallel.moe.ExpertParallelMoE``, same ``last_stats``) and any
+data parallelism the statistics are those of rank 0's tokens (no collective per step), the load
+still over all E experts.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from lm.nn.moe import MoE
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    """The local MoE layers and the expert-parallel ones that replaced them (same interface)."""
+    return [m for m in model.modules() if isinstance(m, MoE) or (hasattr(m, "deepspeed_moe") and hasattr(m, "last_stats"))]
 
 
 class ExpertLoad(L.Callback):

@@ -2,10 +2,10 @@
 
 ``parallelize(module)`` is called from ``LanguageModel.configure_model``; it applies what the
 trainer's strategy and the recipe's ``model.init_args.parallel`` (:class:`ParallelConfig`) ask for,
-in the order TP -> activation checkpointing -> compile -> FSDP2. Importing this package registers
-the strategy short names with Lightning (``ddp``, ``fsdp2``, ``deepspeed_stage_1|2|3``; see
-``lm.parallel.strategies``). Sharded checkpoints (DCP, DeepSpeed folders) are turned into one
-state dict by ``lm.parallel.consolidate``.
+in the order TP -> expert/sequence parallel -> activation checkpointing -> compile -> FSDP2.
+Importing this package registers the strategy short names with Lightning (``ddp``, ``fsdp2``,
+``deepspeed_stage_1|2|3``; see ``lm.parallel.strategies``). Sharded checkpoints (DCP, DeepSpeed
+folders) are turned into one state dict by ``lm.parallel.consolidate``.
 """
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def parallelize(module) -> None:
     cfg = ParallelConfig.of(module)
     model = module.model
     blocks = _blocks(model)
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    _expert_parallel(model, cfg, strategy)
+    if cfg.sequence_parallel_size > 1:  # Ulysses / ring attention (lm.parallel.sequence)
+        from lm.parallel.sequence import sequence_parallel
+
+        sequence_parallel(module, cfg, strategy)
     if cfg.activation_checkpointing:
         from lm.parallel.fsdp import apply_activation_checkpointing
 
@@ -50,8 +57,6 @@ def parallelize(module) -> None:
         from lm.parallel.fsdp import apply_compile
 
         apply_compile(blocks, mode=cfg.compile_mode, backend=cfg.compile_backend)
-    trainer = getattr(module, "_trainer", None)
-    strategy = getattr(trainer, "strategy", None)
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     if isinstance(strategy, ModelParallelStrategy):  # FSDP2Strategy, or Lightning's class given as an object
@@ -66,10 +71,46 @@ def parallelize(module) -> None:
                    reshard_after_forward=cfg.reshard_after_forward)
 
 
+def _expert_parallel(model, cfg: ParallelConfig, strategy) -> None:
+    """Swaps in DeepSpeed's expert-parallel MoE (``lm.parallel.moe``) when the recipe asks for it;
+    one-line ValueErrors naming the key for what cannot work."""
+    from lm.nn.moe import MoE
+
+    key = "model.parallel.expert_parallel_size"
+    if any(hasattr(m, "deepspeed_moe") for m in model.modules()):
+        return  # swapped already (configure_model runs once per fit/validate/test)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if cfg.expert_parallel_size > 1 and not moes:
+        raise ValueError(f"{key}: {cfg.expert_parallel_size} but the model has no MoE layer (ffn: moe)")
+    wanted = sorted({m.ep_size for m in moes if m.ep_size > 1} | ({cfg.expert_parallel_size} - {1}))
+    if not wanted:
+        return
+    from lightning.pytorch.strategies import DeepSpeedStrategy as _DS
+
+    if not isinstance(strategy, _DS):
+        got = type(strategy).__name__ if strategy is not None else "no trainer"
+        raise ValueError(f"{key}: expert parallelism (size {wanted[-1]}) runs under DeepSpeed: set "
+                         f"--trainer.strategy=deepspeed_stage_1 or deepspeed_stage_2 (got {got})")
+    if strategy.zero_stage_3:
+        raise ValueError(f"{key}: DeepSpeed's MoE layer does not support ZeRO stage 3; use "
+                         "--trainer.strategy=deepspeed_stage_1 or deepspeed_stage_2")
+    world = strategy.num_nodes * strategy.num_processes  # what set_world_ranks gives the cluster
+    for ep in wanted:
+        if ep > world:
+            raise ValueError(f"{key}: {ep} is larger than the world size {world} (trainer.devices x trainer.num_nodes)")
+        if world % ep:
+            raise ValueError(f"{key}: {ep} does not divide the world size {world}")
+    from lm.parallel.moe import apply_expert_parallel
+
+    apply_expert_parallel(model, cfg.expert_parallel_size)
+
+
 def forward_needs_all_ranks(module) -> bool:
     """True when the model's forward runs collectives (FSDP2 all-gathers, ZeRO-3 parameter
-    gathers), so every rank must call it together -- e.g. to generate a sample at the end of fit."""
+    gathers, expert-parallel all-to-alls), so every rank must call it together -- e.g. to generate
+    a sample at the end of fit."""
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
-        hasattr(p, "ds_id") for p in module.parameters())
+        hasattr(p, "ds_id") for p in module.parameters()) or any(
+        getattr(m, "ep_size", 1) > 1 and hasattr(m, "deepspeed_moe") for m in module.modules())

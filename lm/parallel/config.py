@@ -29,6 +29,12 @@ class ParallelConfig:
         reshard_after_forward: FSDP2 only: free each Block's gathered parameters after its forward
             and gather them again for the backward (ZeRO-3 memory); False keeps them until the
             backward (ZeRO-2 memory, one all-gather less per block).
+        expert_parallel_size: DeepSpeed expert parallelism (``lm.parallel.moe``): the ``ffn: moe``
+            layers' experts are split over groups of this many ranks (1: every rank holds all
+            experts). Needs ``trainer.strategy`` deepspeed_stage_1 or deepspeed_stage_2, and must
+            divide the world size and every MoE layer's ``num_experts``. Unlike the switches above it
+            changes the checkpoint layout (one DeepSpeed file per expert), so a run resumes with the
+            size it was saved with; ``lm export`` / ``lm.load_model`` read any size.
     """
 
     activation_checkpointing: bool = False
@@ -36,11 +42,24 @@ class ParallelConfig:
     compile_mode: Optional[str] = None
     compile_backend: str = "inductor"
     reshard_after_forward: bool = True
+    expert_parallel_size: int = 1
+    # Sequence parallelism (lm.parallel.sequence): p > 1 splits every sequence over groups of p ranks,
+    # DeepSpeed-Ulysses all-to-all attention ("ulysses") or ring attention ("ring": PyTorch context
+    # parallel, CUDA only). Needs ddp or fsdp2 and p dividing the world size and data.seq_len (ulysses:
+    # also num_heads and num_kv_heads). Numerically neutral; checkpoints are the plain model's.
+    sequence_parallel_size: int = 1
+    sequence_parallel_mode: str = "ulysses"
 
     def __post_init__(self):
+        from lm.parallel.sequence import validate_config
+
+        validate_config(self.sequence_parallel_size, self.sequence_parallel_mode)
         for key in ("activation_checkpointing", "compile", "reshard_after_forward"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"model.parallel.{key}: must be true or false, got {getattr(self, key)!r}")
+        ep = self.expert_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"model.parallel.expert_parallel_size: must be an integer >= 1, got {ep!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.parallel.compile_mode: {self.compile_mode!r} is not one of "
                              f"{', '.join(map(str, COMPILE_MODES))}")

@@ -10,6 +10,15 @@ Two folder formats come out of the strategies (both are named like files, e.g. `
   and Lightning's client state (``lm``, loops, callbacks); ``*_optim_states.pt`` hold the fp32
   partitions, which ``deepspeed.utils.zero_to_fp32`` merges into full fp32 weights.
 
+With expert parallelism (``lm.parallel.moe``) the DeepSpeed folder also holds one
+``layer_<l>_expert_<g>_mp_rank_00_model_states.pt`` per expert (``g`` global), written by the
+rank that held it, and the model states name DeepSpeed's MoE submodules; those checkpoints are
+read from the module states -- the non-expert weights from ``mp_rank_00_model_states.pt``, every
+expert from its file -- and renamed to the single-device layer (``deepspeed_moe.gate.wg`` ->
+``router``, ``deepspeed_moe.experts.deepspeed_experts.<g>`` -> ``experts.<g>``). The module states
+are the training weights: exactly the fp32 weights in fp32 training (DeepSpeed's
+``zero_to_fp32`` cannot merge MoE checkpoints); under bf16 DeepSpeed they are the bf16 copies.
+
 Only the model weights are read (never the optimizer states of DCP), and every ``torch.load``
 here is ``weights_only=True`` except DeepSpeed's own merge of its optimizer partitions.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +111,9 @@ def _dcp_shapes(path: Path) -> dict[str, torch.Size]:
 
 # -- DeepSpeed ------------------------------------------------------------------------------------
 
-_DS_ENGINE_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+_DS_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt$")
+_DS_EXPERTS, _DS_GATE = ".deepspeed_moe.experts.deepspeed_experts.", ".deepspeed_moe.gate.wg.weight"
+_DS_ENGINE_KEYS = {"module", "num_experts", "ds_autoep_layers", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
                    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
                    "csr_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
                    "mp_world_size", "ds_config", "ds_version", "checkpoint_parallel_dimensions"}
@@ -127,11 +139,44 @@ def _strip(key: str) -> str:  # Lightning < 2.1 wrapped the module in _Lightning
     return key[len("_forward_module."):] if key.startswith("_forward_module.") else key
 
 
+def lm_name(key: str) -> str:
+    """A parameter name of an expert-parallel model (global expert index) -> the single-device one."""
+    key = _strip(key)
+    if key.endswith(_DS_GATE):
+        return key[: -len(_DS_GATE)] + ".router.weight"
+    return key.replace(_DS_EXPERTS, ".experts.")
+
+
+def _ds_expert_files(path: Path) -> list[Path]:
+    return sorted(f for f in _ds_tag_dir(path).iterdir() if _DS_EXPERT_FILE.match(f.name))
+
+
+def _from_deepspeed_moe(path: Path, states: dict, files: list[Path]) -> dict[str, torch.Tensor]:
+    sd = {lm_name(k): v.clone() for k, v in states["module"].items()}
+    per_layer: dict[int, set[int]] = {}
+    for f in files:
+        layer, expert = map(int, _DS_EXPERT_FILE.match(f.name).groups())
+        per_layer.setdefault(layer, set()).add(expert)
+        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+            sd[lm_name(k)] = v
+    want = states.get("num_experts") or []
+    for layer, n in enumerate(want):
+        if per_layer.get(layer, set()) != set(range(n)):
+            missing = sorted(set(range(n)) - per_layer.get(layer, set()))
+            raise FileNotFoundError(f"DeepSpeed checkpoint {str(path)!r}: MoE layer {layer} lacks the files of "
+                                    f"experts {missing}")
+    return sd
+
+
 def _from_deepspeed(path: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     states = _ds_model_states(path)
     ckpt = {k: v for k, v in states.items() if k not in _DS_ENGINE_KEYS}
+    experts = _ds_expert_files(path)
+    if experts:  # expert parallel: zero_to_fp32 cannot merge these
+        ckpt["state_dict"] = _from_deepspeed_moe(path, states, experts)
+        return ckpt
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         full = get_fp32_state_dict_from_zero_checkpoint(str(path))  # merges the fp32 partitions of every rank
     ckpt["state_dict"] = {_strip(k): v for k, v in full.items()}

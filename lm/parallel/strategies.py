@@ -150,6 +150,10 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         return super().root_device
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if optimizer is not None and any(hasattr(m, "deepspeed_moe") for m in model.modules()):
+            from lm.parallel.moe import split_moe_param_groups
+
+            split_moe_param_groups(optimizer, lr_scheduler)  # ZeRO needs the experts in their own groups
         if not self._on_cpu():
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed

@@ -79,6 +79,7 @@ class MistralExporter(LlamaExporter):
 HF_EXPORTERS = [LlamaExporter(), MistralExporter()]
 
 import lm.tools.export_ssm  # noqa: E402,F401  (appends the Mamba and RWKV exporters)
+import lm.tools.export_moe  # noqa: E402,F401  (appends the Mixtral exporter)
 
 
 def pick_exporter(cfg):
