@@ -89,11 +89,11 @@ def test_bigbird_table_window_random_global():
 
 # -- both backends equal dense SDPA with the same mask -------------------------------------------
 @pytest.mark.parametrize("name", ["sliding", "longformer", "bigbird"])
-@pytest.mark.parametrize("T", [37, 48])  # a ragged last block, and an exact multiple
-def test_blocksparse_equals_masked_sdpa(name, T):
+@pytest.mark.parametrize("T, chunk", [(37, 0), (48, 0), (37, 8)])  # ragged last block, exact, recomputed chunks
+def test_blocksparse_equals_masked_sdpa(name, T, chunk):
     lay = layouts()[name]
     q, k, v = qkv(T)
-    out = block_sparse_attention(q, k, v, lay)
+    out = block_sparse_attention(q, k, v, lay, chunk_size=chunk)
     ref = dense_sdpa(q, k, v, dense_reference_mask(lay, T))
     assert_close(out, ref)
     w = torch.randn_like(out)
@@ -126,6 +126,13 @@ def _fwd_bwd_flops(fn, T):
     with FlopCounterMode(display=False) as fc:
         fn(q, k, v).sum().backward()
     return fc.get_total_flops()
+
+
+def test_recomputed_chunks_bound_peak_memory():
+    lay = layouts(block_size=16, max_seq_len=2048)["bigbird"]
+    fn = [lambda q, k, v, c=c: block_sparse_attention(q, k, v, lay, chunk_size=c) for c in (0, 128)]
+    whole, chunked = (_fwd_bwd_peak_bytes(f, 1024) for f in fn)
+    assert chunked < 0.6 * whole, (chunked, whole)
 
 
 def _fwd_bwd_peak_bytes(fn, T):
@@ -220,6 +227,7 @@ def test_blocksparse_sliding_equals_sliding_window_mixer():
     ("bigbird", {"block_size": 8, "num_random_blocks": 4}, r"mixer_options\.num_random_blocks: 4 is larger than the 3"),
     ("bigbird", {"window_blocks": 0}, r"mixer_options\.window_blocks: must be a positive integer"),
     ("bigbird", {"block_size": 4, "backend": "dense"}, r"mixer_options\.backend: unknown backend 'dense'"),
+    ("longformer", {"chunk_size": -1}, r"mixer_options\.chunk_size: must be an integer >= 0"),
     ("longformer", {"windw": 3}, r"windw: unknown option"),
 ])
 def test_bad_options_fail_with_the_key(mixer, opts, match):

@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lm.mixers.sparse.layout import BlockLayout
 
@@ -61,9 +62,39 @@ def gathered_keys(layout: BlockLayout, length: int) -> int:
     return n * layout.block_size * (W * layout.block_size + G) + G * length
 
 
+def _attend_blocks(q_BHnbD, k_BHTD, v_BHTD, idx_HnW, keep_HnbWb, g_G, qpos_nb, scale: float):
+    """Outputs of query blocks ``q_BHnbD`` (a run of n consecutive blocks, positions ``qpos_nb``):
+    one softmax over their gathered table blocks and the global columns."""
+    B, H, n, b, D = q_BHnbD.shape
+    W = idx_HnW.shape[-1]
+    head_H11 = torch.arange(H, device=q_BHnbD.device)[:, None, None]
+    k_BHNbD, v_BHNbD = k_BHTD.view(B, H, -1, b, D), v_BHTD.view(B, H, -1, b, D)
+    kg_BHnkD = k_BHNbD[:, head_H11, idx_HnW].reshape(B, H, n, W * b, D)
+    vg_BHnkD = v_BHNbD[:, head_H11, idx_HnW].reshape(B, H, n, W * b, D)
+    s_loc = torch.einsum("bhnqd,bhnkd->bhnqk", q_BHnbD, kg_BHnkD) * scale
+    s_all = s_loc.masked_fill(~keep_HnbWb, float("-inf"))
+    G = g_G.numel()
+    if G:  # global columns: every query reads the global keys at or before it
+        s_glob = torch.einsum("bhnqd,bhgd->bhnqg", q_BHnbD, k_BHTD[:, :, g_G]) * scale
+        s_glob = s_glob.masked_fill(g_G.view(1, 1, G) > qpos_nb[..., None], float("-inf"))
+        s_all = torch.cat([s_all, s_glob], dim=-1)
+    # every row keeps at least its own key (a non-global query: its own block; a global one: its
+    # own global column), so no row is all -inf
+    p_all = torch.softmax(s_all, dim=-1, dtype=torch.float32).to(q_BHnbD.dtype)
+    out_BHnbD = torch.einsum("bhnqk,bhnkd->bhnqd", p_all[..., : W * b], vg_BHnkD)
+    if G:
+        out_BHnbD = out_BHnbD + torch.einsum("bhnqg,bhgd->bhnqd", p_all[..., W * b:], v_BHTD[:, :, g_G])
+    return out_BHnbD
+
+
 def block_sparse_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
-                           layout: BlockLayout, scale: float | None = None) -> torch.Tensor:
-    """Causal attention restricted to ``layout`` (its ``mask``), differentiable, O(T) memory."""
+                           layout: BlockLayout, scale: float | None = None, chunk_size: int = 0) -> torch.Tensor:
+    """Causal attention restricted to ``layout`` (its ``mask``), differentiable, O(T) memory.
+
+    ``chunk_size > 0``: query blocks run in chunks of about that many tokens and, under autograd,
+    each chunk is recomputed in backward (activation checkpointing, as flash attention recomputes
+    its scores): memory is then q, k, v, the output and one chunk's scores, not all T * W * b.
+    """
     B, H, T, D = q_BHTD.shape
     K = k_BKTD.shape[1]
     assert H == layout.num_heads and H % K == 0, (H, K, layout.num_heads)
@@ -75,37 +106,24 @@ def block_sparse_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: t
     pad = N * b - T  # padded keys sit after every real query: causality hides them
     q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q_BHTD, k_BKTD, v_BKTD))
     idx_HNW, keep_HNbWb, _ = _local_mask(layout, T, device)
-    W = idx_HNW.shape[-1]
-
-    # local part: gather the W key/value blocks of every query block
-    head_H11 = torch.arange(H, device=device)[:, None, None]
-    k_BHNbD, v_BHNbD = k.view(B, H, N, b, D), v.view(B, H, N, b, D)
-    kg_BHNkD = k_BHNbD[:, head_H11, idx_HNW].reshape(B, H, N, W * b, D)
-    vg_BHNkD = v_BHNbD[:, head_H11, idx_HNW].reshape(B, H, N, W * b, D)
-    q_BHNbD = q.view(B, H, N, b, D)
-    s_loc = torch.einsum("bhnqd,bhnkd->bhnqk", q_BHNbD, kg_BHNkD) * scale
-    s_loc = s_loc.masked_fill(~keep_HNbWb, float("-inf"))
-
-    # global columns: every query reads the global keys at or before it
     g_G = layout.globals_below(T, device)
-    G = g_G.numel()
-    if G:
-        s_glob = torch.einsum("bhnqd,bhgd->bhnqg", q_BHNbD, k[:, :, g_G]) * scale
-        qpos_Nb1 = torch.arange(N * b, device=device).view(N, b, 1)
-        s_glob = s_glob.masked_fill(g_G.view(1, 1, G) > qpos_Nb1, float("-inf"))
-        s_all = torch.cat([s_loc, s_glob], dim=-1)
+    qpos_Nb = torch.arange(N * b, device=device).view(N, b)
+    q_BHNbD = q.view(B, H, N, b, D)
+    step = max(1, chunk_size // b) if chunk_size > 0 else N
+    if step >= N:
+        out_BHNbD = _attend_blocks(q_BHNbD, k, v, idx_HNW, keep_HNbWb, g_G, qpos_Nb, scale)
     else:
-        s_all = s_loc
-    # every row keeps at least its own key (a non-global query: its own block; a global one: its
-    # own global column), so no row is all -inf
-    p_all = torch.softmax(s_all, dim=-1, dtype=torch.float32).to(q.dtype)
-    out_BHNbD = torch.einsum("bhnqk,bhnkd->bhnqd", p_all[..., : W * b], vg_BHNkD)
-    if G:
-        out_BHNbD = out_BHNbD + torch.einsum("bhnqg,bhgd->bhnqd", p_all[..., W * b:], v[:, :, g_G])
+        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        outs = []
+        for n0 in range(0, N, step):
+            args = (q_BHNbD[:, :, n0:n0 + step], k, v, idx_HNW[:, n0:n0 + step], keep_HNbWb[:, n0:n0 + step],
+                    g_G, qpos_Nb[n0:n0 + step], scale)
+            outs.append(checkpoint(_attend_blocks, *args, use_reentrant=False) if recompute else _attend_blocks(*args))
+        out_BHNbD = torch.cat(outs, dim=2)
     out_BHTD = out_BHNbD.reshape(B, H, N * b, D)[:, :, :T]
 
     # global rows: a global query attends to every earlier position (G x T, linear in T)
-    if G:
+    if g_G.numel():
         allowed_GT = torch.arange(T, device=device)[None, :] <= g_G[:, None]
         out_BHGD = F.scaled_dot_product_attention(q_BHTD[:, :, g_G], k[:, :, :T], v[:, :, :T],
                                                   attn_mask=allowed_GT, scale=scale)
