@@ -82,7 +82,7 @@ def variant_options(quick: bool) -> dict[str, tuple[str, dict]]:
         "sliding": ("sliding_window_blocksparse", {"window": w, "block_size": b}),
         "longformer": ("longformer", {"window": w, "block_size": b, "global_tokens": [0]}),
         "bigbird": ("bigbird", {"block_size": b, "window_blocks": 3, "num_random_blocks": 2}),
-        "performer": ("performer", {"num_features": 32 if quick else 256, "chunk_size": b}),
+        "performer": ("performer", {"num_features": 32 if quick else 256, "chunk_size": 2 * b}),
     }
 
 
