@@ -82,8 +82,13 @@ class SyntheticDataModule(L.LightningDataModule):
                              f"data.vocab_size={self._vocab_size}")
 
     def _rank_world(self) -> tuple[int, int]:
+        """This process's data-parallel shard: Lightning's ``distributed_sampler_kwargs`` (ranks that
+        split one sequence, lm.parallel.sequence, share a shard); (rank, world) otherwise."""
         trainer = getattr(self, "trainer", None)
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        if trainer is None:
+            return 0, 1
+        kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
 
     def train_dataset(self) -> SyntheticDataset:
         return SyntheticDataset(self.train_task, self.num_train, self.seed, "train")

@@ -116,10 +116,13 @@ class TextDataModule(L.LightningDataModule):
         return self.tokenizer.get_vocab_size()
 
     def _rank_world(self) -> tuple[int, int]:
+        """This process's data-parallel shard: Lightning's ``distributed_sampler_kwargs`` (ranks that
+        split one sequence, lm.parallel.sequence, share a shard); (rank, world) otherwise."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
-        return trainer.global_rank, trainer.world_size
+        kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
 
     def _require_setup(self) -> None:
         if self.train_dataset is None:

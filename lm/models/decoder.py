@@ -51,16 +51,17 @@ class DecoderLM(nn.Module):
         layers = [b.mixer.init_cache(batch_size, max_len, device or p.device, dtype or p.dtype) for b in self.blocks]
         return DecodeCache(layers)
 
-    def forward(self, input_ids_BT: torch.Tensor, *, cache: DecodeCache | None = None) -> torch.Tensor:
-        return self.head(self.hidden_states(input_ids_BT, cache=cache))
+    def forward(self, input_ids_BT: torch.Tensor, *, cache: DecodeCache | None = None, **ctx) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids_BT, cache=cache, **ctx))
 
-    def hidden_states(self, input_ids_BT: torch.Tensor, *, cache: DecodeCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids_BT: torch.Tensor, *, cache: DecodeCache | None = None, **ctx) -> torch.Tensor:
+        """``ctx`` goes to every block's mixer unchanged (e.g. ``lm.parallel``'s sequence-parallel plan)."""
         start_pos = cache.pos if cache is not None else 0
         x_BTD = self.embed(input_ids_BT)
         if self.embed_norm is not None:
             x_BTD = self.embed_norm(x_BTD)
         for i, block in enumerate(self.blocks):
-            x_BTD = block(x_BTD, cache=cache.layers[i] if cache is not None else None, start_pos=start_pos)
+            x_BTD = block(x_BTD, cache=cache.layers[i] if cache is not None else None, start_pos=start_pos, **ctx)
         if cache is not None:
             cache.pos += input_ids_BT.shape[1]
         return self.norm(x_BTD)

@@ -2,10 +2,10 @@
 
 ``parallelize(module)`` is called from ``LanguageModel.configure_model``; it applies what the
 trainer's strategy and the recipe's ``model.init_args.parallel`` (:class:`ParallelConfig`) ask for,
-in the order TP -> activation checkpointing -> compile -> FSDP2. Importing this package registers
-the strategy short names with Lightning (``ddp``, ``fsdp2``, ``deepspeed_stage_1|2|3``; see
-``lm.parallel.strategies``). Sharded checkpoints (DCP, DeepSpeed folders) are turned into one
-state dict by ``lm.parallel.consolidate``.
+in the order TP -> expert/sequence parallel -> activation checkpointing -> compile -> FSDP2.
+Importing this package registers the strategy short names with Lightning (``ddp``, ``fsdp2``,
+``deepspeed_stage_1|2|3``; see ``lm.parallel.strategies``). Sharded checkpoints (DCP, DeepSpeed
+folders) are turned into one state dict by ``lm.parallel.consolidate``.
 """
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def parallelize(module) -> None:
     trainer = getattr(module, "_trainer", None)
     strategy = getattr(trainer, "strategy", None)
     _expert_parallel(model, cfg, strategy)
+    if cfg.sequence_parallel_size > 1:  # Ulysses / ring attention (lm.parallel.sequence)
+        from lm.parallel.sequence import sequence_parallel
+
+        sequence_parallel(module, cfg, strategy)
     if cfg.activation_checkpointing:
         from lm.parallel.fsdp import apply_activation_checkpointing
 

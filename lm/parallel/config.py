@@ -43,8 +43,17 @@ class ParallelConfig:
     compile_backend: str = "inductor"
     reshard_after_forward: bool = True
     expert_parallel_size: int = 1
+    # Sequence parallelism (lm.parallel.sequence): p > 1 splits every sequence over groups of p ranks,
+    # DeepSpeed-Ulysses all-to-all attention ("ulysses") or ring attention ("ring": PyTorch context
+    # parallel, CUDA only). Needs ddp or fsdp2 and p dividing the world size and data.seq_len (ulysses:
+    # also num_heads and num_kv_heads). Numerically neutral; checkpoints are the plain model's.
+    sequence_parallel_size: int = 1
+    sequence_parallel_mode: str = "ulysses"
 
     def __post_init__(self):
+        from lm.parallel.sequence import validate_config
+
+        validate_config(self.sequence_parallel_size, self.sequence_parallel_mode)
         for key in ("activation_checkpointing", "compile", "reshard_after_forward"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"model.parallel.{key}: must be true or false, got {getattr(self, key)!r}")
