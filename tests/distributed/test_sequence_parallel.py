@@ -1,6 +1,7 @@
 """Sequence parallelism (DeepSpeed-Ulysses; ring attention on GPU) on 2 processes against one process.
 
-Parity (scripts/sp_parity.py, one torchrun launch): the SP model's gathered logits, its loss and
+Parity (scripts/sp_parity.py, one torchrun launch; and one of 4 processes, 2 SP groups of 2,
+data parallel): the SP model's gathered logits, its loss and
 its DDP-averaged gradients equal the single-process model's, for MHA, GQA, a sliding window that
 crosses the shard boundary, absolute/no position encodings and activation checkpointing, with
 labels masked so the two ranks hold different numbers of scored tokens. Seen on gloo: logits and
@@ -71,6 +72,14 @@ def test_forward_and_gradients_match_single_process(parity):
 def test_ranks_of_a_group_agree_on_the_loss(parity):
     for case in CASES:
         assert torch.equal(parity[0][case]["loss"][0], parity[1][case]["loss"][0]), case
+
+
+def test_data_parallel_across_sequence_parallel_groups(tmp_path):
+    """4 processes: 2 SP groups of 2 ranks, data parallel. Each group reads its own batch; the
+    world-averaged gradient is the mean of the two groups' single-process gradients."""
+    out = _parity(tmp_path, "--size", "2", "--cases", "gqa,sliding", nproc=4)
+    _check_parity(out, ["gqa", "sliding"], ATOL)
+    assert not torch.equal(out[0]["gqa"]["loss"][1], out[2]["gqa"]["loss"][1])  # two different batches
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """Sequence-parallel parity: ``lm.parallel.sequence`` on N processes against one process.
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=N sp_parity.py OUT --size P
-[--mode ulysses|ring] [--backend gloo|nccl]``
+[--mode ulysses|ring] [--backend gloo|nccl] [--cases a,b]``
 
 For every case (MHA, GQA, sliding window across the shard boundary, absolute/no positions, and
 activation checkpointing on top) each rank builds the same ``LanguageModel`` twice from one seed:
@@ -112,6 +112,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=2)
     ap.add_argument("--mode", default="ulysses")
     ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--cases", default=None, help="comma-separated subset of the cases")
     args = ap.parse_args()
     device = torch.device("cpu")
     if args.backend == "nccl":
@@ -121,7 +122,7 @@ def main() -> int:
     from lm.parallel.sequence import make_plan
 
     plan = make_plan(args.size, args.mode)
-    cases = RING_CASES if args.mode == "ring" else tuple(CASES)
+    cases = args.cases.split(",") if args.cases else RING_CASES if args.mode == "ring" else tuple(CASES)
     out = {name: run_case(name, plan, device, dist.get_world_size()) for name in cases}
     torch.save(out, Path(args.out) / f"rank{dist.get_rank()}.pt")
     dist.barrier()
