@@ -16,11 +16,16 @@ rank that held it, and the model states name DeepSpeed's MoE submodules; those c
 read from the module states -- the non-expert weights from ``mp_rank_00_model_states.pt``, every
 expert from its file -- and renamed to the single-device layer (``deepspeed_moe.gate.wg`` ->
 ``router``, ``deepspeed_moe.experts.deepspeed_experts.<g>`` -> ``experts.<g>``). The module states
-are the training weights: exactly the fp32 weights in fp32 training (DeepSpeed's
-``zero_to_fp32`` cannot merge MoE checkpoints); under bf16 DeepSpeed they are the bf16 copies.
+hold the compute-dtype copies (bf16 under bf16 DeepSpeed), so every weight is then replaced by its
+fp32 master, merged from the ZeRO-1/2 optimizer partitions (``*_optim_states.pt``: each rank's
+flat fp32 partition per param group and ``param_slice_mappings`` naming the fragment of every
+parameter in it; expert groups are partitioned over the expert-data-parallel ranks and name local
+experts, rank ``r`` holding expert-parallel rank ``r % ep_size``'s experts, DeepSpeed's layout).
+DeepSpeed's ``zero_to_fp32`` cannot merge MoE checkpoints.
 
 Only the model weights are read (never the optimizer states of DCP), and every ``torch.load``
-here is ``weights_only=True`` except DeepSpeed's own merge of its optimizer partitions.
+here is ``weights_only=True`` except of DeepSpeed's optimizer partitions (its own pickles: loss
+scaler, enums), in DeepSpeed's merge and in the expert-parallel one.
 """
 from __future__ import annotations
 
@@ -151,7 +156,7 @@ def _ds_expert_files(path: Path) -> list[Path]:
     return sorted(f for f in _ds_tag_dir(path).iterdir() if _DS_EXPERT_FILE.match(f.name))
 
 
-def _from_deepspeed_moe(path: Path, states: dict, files: list[Path]) -> dict[str, torch.Tensor]:
+def _from_deepspeed_moe(path: Path, states: dict, files: list[Path], fp32_masters: bool = True) -> dict[str, torch.Tensor]:
     sd = {lm_name(k): v.clone() for k, v in states["module"].items()}
     per_layer: dict[int, set[int]] = {}
     for f in files:
@@ -159,6 +164,8 @@ def _from_deepspeed_moe(path: Path, states: dict, files: list[Path]) -> dict[str
         per_layer.setdefault(layer, set()).add(expert)
         for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
             sd[lm_name(k)] = v
+    if fp32_masters:
+        _fp32_masters(path, sd)
     want = states.get("num_experts") or []
     for layer, n in enumerate(want):
         if per_layer.get(layer, set()) != set(range(n)):
@@ -166,6 +173,43 @@ def _from_deepspeed_moe(path: Path, states: dict, files: list[Path]) -> dict[str
             raise FileNotFoundError(f"DeepSpeed checkpoint {str(path)!r}: MoE layer {layer} lacks the files of "
                                     f"experts {missing}")
     return sd
+
+
+_DS_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def _fp32_masters(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Replaces the weights of ``sd`` (lm names, global experts) by the fp32 masters of the
+    ZeRO-1/2 optimizer partitions of an expert-parallel DeepSpeed checkpoint, in place."""
+    files = {int(m.group(1)): f for f in _ds_tag_dir(path).iterdir() if (m := _DS_OPTIM_FILE.match(f.name))}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for rank, f in sorted(files.items()):
+        # DeepSpeed's own pickles (loss scaler, enums): weights_only=False, as zero_to_fp32 loads them
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        groups = osd["base_optimizer_state"]["param_groups"]
+        for group, flat, mapping in zip(groups, osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]):
+            ep = int(group["name"].rsplit("_", 1)[1]) if group.get("moe") else 1
+            for name, frag in mapping.items():
+                key = lm_name(name)
+                if ep > 1:
+                    head, _, tail = key.partition(".experts.")
+                    local, rest = tail.split(".", 1)
+                    n_local = _num_local(sd, head, ep)
+                    key = f"{head}.experts.{(rank % ep) * n_local + int(local)}.{rest}"
+                pieces.setdefault(key, []).append((rank, flat.narrow(0, frag.start, frag.numel)))
+    for key, parts in pieces.items():
+        full = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+        if key not in sd or full.numel() != sd[key].numel():
+            raise ValueError(f"DeepSpeed checkpoint {str(path)!r}: the optimizer partitions of {key!r} do not "
+                             "match the model states")
+        sd[key] = full.detach().view(sd[key].shape).clone()
+
+
+def _num_local(sd: dict[str, torch.Tensor], layer: str, ep: int) -> int:
+    """Experts per expert-parallel rank of MoE layer ``layer`` (its global experts / ep)."""
+    prefix = layer + ".experts."
+    count = len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+    return count // ep
 
 
 def _from_deepspeed(path: Path) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def _ckpt(root, step=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A single-process reference (batch 2B, local MoE); then one torchrun launch: the gradient
-    step, an expert-parallel run, its resume from step CUT, and the runs expected to fail."""
+    step, an expert-parallel run, its resume from step CUT, a bf16 run, and the runs expected to fail."""
     tmp = tmp_path_factory.mktemp("moe_ep")
     recipe = write_recipe(tmp / "recipe.yaml", STEPS, CUT)
     cfg = yaml.safe_load(recipe.read_text())
@@ -65,7 +65,9 @@ def runs(tmp_path_factory):
     base = ["fit", "-c", str(recipe), *EP]
     jobs = [{"args": base + [f"--trainer.default_root_dir={tmp / 'full'}"], "rc": 0},
             {"args": base + [f"--trainer.default_root_dir={tmp / 'resume'}", f"--ckpt_path={_ckpt(tmp / 'full', CUT)}"],
-             "rc": 0}]
+             "rc": 0},
+            {"args": base + ["--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
+                             f"--trainer.default_root_dir={tmp / 'bf16'}"], "rc": 0}]
     for name, (extra, _) in BAD.items():
         jobs.append({"args": base + extra + [f"--trainer.default_root_dir={tmp / name}"], "rc": 2,
                      "log": str(tmp / f"{name}.stderr")})
@@ -134,6 +136,23 @@ def test_load_model_and_export_consolidate_every_expert(runs, tmp_path):
         for j in range(4):
             torch.testing.assert_close(tensors[f"model.layers.{layer}.block_sparse_moe.experts.{j}.w3.weight"],
                                        model.blocks[layer].ffn.experts[j].up_proj.weight, rtol=0, atol=0)
+
+
+def test_bf16_checkpoint_consolidates_the_fp32_masters(runs):
+    """Under bf16 DeepSpeed the module states are bf16 copies; load_model gets the fp32 masters
+    merged from the optimizer partitions (experts from their expert-data-parallel partitions),
+    each of which rounds to exactly the saved bf16 copy."""
+    from lm import load_model
+    from lm.parallel.consolidate import _ds_expert_files, _ds_model_states, _from_deepspeed_moe
+
+    ckpt = _ckpt(runs / "bf16")
+    copies = _from_deepspeed_moe(ckpt, _ds_model_states(ckpt), _ds_expert_files(ckpt), fp32_masters=False)
+    got = {f"model.{k}": v for k, v in load_model(ckpt).state_dict().items()}
+    assert got.keys() == copies.keys() and {v.dtype for v in copies.values()} == {torch.bfloat16}
+    for k, v in got.items():
+        assert v.dtype == torch.float32 and torch.equal(v.bfloat16(), copies[k]), k
+    assert sum(not torch.equal(v.bfloat16().float(), v) for v in got.values()) > len(got) // 2  # not bf16 values
+    assert any(".experts.3." in k for k in got)
 
 
 def test_expert_load_logged_and_heatmap_written(runs):
