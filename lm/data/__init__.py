@@ -16,3 +16,4 @@ __all__ = [
     "TextDataModule", "build_corpus", "build_packed", "default_cache_dir", "get_tokenizer",
     "load_tokenizer", "split_documents", "text_hash", "tokenize_stream", "train_tokenizer",
 ]
+import lm.data.listops  # noqa: E402,F401  (registers the listops task in lm.data.synthetic.TASKS)
