@@ -76,7 +76,29 @@ def _check_architecture(module, path: Path) -> None:
         def state_dict(self):
             return own
 
-    check_compatible(_Shapes(), saved, prefix="model.")
+    try:
+        check_compatible(_Shapes(), saved, prefix="model.")
+    except ValueError as e:
+        hint = _expert_parallel_hint(saved, own)
+        if hint:
+            raise type(e)(f"{e}; {hint}") from None
+        raise
+
+
+def _expert_parallel_hint(saved: dict, own: dict) -> str:
+    """Why an architecture check failed when expert parallelism differs (lm.parallel.moe renames
+    the MoE layers and keeps only the local experts), else ''."""
+    def experts_per_rank(keys):
+        ids = {k.split(".deepspeed_experts.")[1].split(".")[0] for k in keys if ".deepspeed_experts." in k}
+        return len(ids)
+
+    a, b = experts_per_rank(saved), experts_per_rank(own)
+    if a == b:
+        return ""
+    if not a:
+        return "it was saved without expert parallelism: resume with model.parallel.expert_parallel_size=1"
+    return (f"it was saved with expert parallelism ({a} experts per rank and layer, the model has {b or 'all'}): "
+            "resume with the model.parallel.expert_parallel_size it was saved with")
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -42,6 +42,8 @@ BAD = {  # job name -> (extra args, the error line's start)
                                                              "4 is larger than the world size 2"),
     "ddp": (["--trainer.strategy=ddp"], "lm: error: model.parallel.expert_parallel_size: expert parallelism "
                                         "(size 2) runs under DeepSpeed"),
+    "resume_without_ep": (["--model.parallel.expert_parallel_size=1", "--ckpt_path={full}"],
+                          "lm: error: checkpoint does not match the model architecture"),
 }
 
 pytestmark = pytest.mark.slow
@@ -69,6 +71,7 @@ def runs(tmp_path_factory):
             {"args": base + ["--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
                              f"--trainer.default_root_dir={tmp / 'bf16'}"], "rc": 0}]
     for name, (extra, _) in BAD.items():
+        extra = [a.replace("{full}", str(_ckpt(tmp / "full"))) for a in extra]
         jobs.append({"args": base + extra + [f"--trainer.default_root_dir={tmp / name}"], "rc": 2,
                      "log": str(tmp / f"{name}.stderr")})
     (tmp / "jobs.json").write_text(json.dumps(jobs))
@@ -169,3 +172,7 @@ def test_bad_settings_fail_with_one_line(runs, name):
     for rank in (0, 1):
         lines = (runs / f"{name}.stderr.rank{rank}").read_text().strip().splitlines()
         assert lines[-1].startswith(BAD[name][1]), lines[-3:]
+        if name == "resume_without_ep":
+            assert lines[-1].endswith("it was saved with expert parallelism (2 experts per rank and layer, the "
+                                      "model has all): resume with the model.parallel.expert_parallel_size it "
+                                      "was saved with"), lines[-1]
