@@ -133,6 +133,11 @@ def check_sequence_parallel(model, size: int, world_size: int, seq_len: Optional
                                  f"{size} (Ulysses splits the key/value heads over the group)")
     if seq_len is not None and seq_len % size:
         raise ValueError(f"data.seq_len: {seq_len} is not divisible by {KEY}={size}")
+    if mode == "ring" and seq_len is not None:  # the ring kernels take no mask but the causal one
+        for i, block in enumerate(model.blocks):
+            if not block.mixer.plain_causal(seq_len):
+                raise ValueError(f"model.config.layer[{i}].mixer: masks more than causal attention at data.seq_len="
+                                 f"{seq_len} (e.g. a shorter window), which {MODE_KEY}=ring cannot run: use ulysses")
 
 
 # -- the class-swap mixins ----------------------------------------------------------------------
@@ -296,7 +301,7 @@ def sequence_parallel(module, cfg, strategy) -> None:
         got = type(strategy).__name__ if strategy is not None else "no trainer"
         raise ValueError(f"{KEY}: {size} needs trainer.strategy=ddp or fsdp2 over {size}+ processes "
                          f"(got {got}, world size {world})")
-    seq_len = getattr(getattr(module.trainer, "datamodule", None), "seq_len", None)
+    seq_len = getattr(getattr(getattr(module, "_trainer", None), "datamodule", None), "seq_len", None)
     check_sequence_parallel(module.model, size, world, seq_len if isinstance(seq_len, int) else None, mode)
     if mode == "ring":
         from lm.parallel.ring import check_ring_device

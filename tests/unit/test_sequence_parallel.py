@@ -42,8 +42,10 @@ def test_softmax_attention_mixers_can_run_sequence_parallel(tiny_model, mixer):
     check_sequence_parallel(model, 2, 4, seq_len=32)  # no error
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "rwkv", "hyena"])
-def test_recurrent_mixers_are_refused_naming_the_layer(tiny_model, mixer):
+@pytest.mark.parametrize("mixer", ["mamba", "rwkv", "hyena", "knn_memory", "longformer", "performer"])
+def test_other_mixers_are_refused_naming_the_layer(tiny_model, mixer):
+    """Recurrent mixers, and attention variants with their own forward or kernel (memory, block-sparse
+    per-head layouts, linear attention) cannot be split by heads over the full sequence as they are."""
     model = tiny_model(layer_pattern=[{"mixer": "attention"}, {"mixer": mixer}])
     with pytest.raises(ValueError, match=rf"^model.config.layer\[1\].mixer: '{mixer}' cannot run sequence-parallel "
                                          rf"\({KEY}=2\)"):
@@ -71,6 +73,33 @@ def test_ring_mode_is_refused_off_cuda():
     with pytest.raises(ValueError, match=r"^model.parallel.sequence_parallel_mode: ring runs on CUDA GPUs only .*"
                                          r"use ulysses on cpu"):
         check_ring_device("cpu")
+
+
+def test_ring_mode_needs_plain_causal_attention_on_cuda(tiny_model):
+    from lm.parallel.ring import ring_attend
+
+    model = tiny_model(mixer="sliding_window", mixer_options={"window": 8})
+    check_sequence_parallel(model, 2, 2, seq_len=8, mode="ring")  # window covers the sequence: plain causal
+    with pytest.raises(ValueError, match=r"^model.config.layer\[0\].mixer: masks more than causal attention at "
+                                         r"data.seq_len=16 .*sequence_parallel_mode=ring cannot run: use ulysses"):
+        check_sequence_parallel(model, 2, 2, seq_len=16, mode="ring")
+    plan = SequenceParallelPlan(2, 0, group=None, mode="ring")
+    q, kv = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)  # 8 local tokens: 16 in all
+    with pytest.raises(ValueError, match=r"ring attention runs plain causal attention only"):
+        ring_attend(model.blocks[0].mixer, plan, q, kv, kv)
+    with pytest.raises(ValueError, match=r"ring runs on CUDA GPUs only, got cpu tensors"):
+        ring_attend(tiny_model().blocks[0].mixer, plan, q, kv, kv)
+
+
+def test_deepspeed_is_refused(tiny_cfg):
+    from lm.parallel import DeepSpeedStrategy, ParallelConfig
+    from lm.parallel.sequence import sequence_parallel
+    from lm.training.module import LanguageModel
+
+    module = LanguageModel(config=tiny_cfg(), parallel={"sequence_parallel_size": 2})
+    strategy = DeepSpeedStrategy(stage=2, parallel_devices=[torch.device("cpu")] * 2)
+    with pytest.raises(ValueError, match=rf"^{KEY}: 2 needs trainer.strategy=ddp or fsdp2 .*got DeepSpeedStrategy"):
+        sequence_parallel(module, ParallelConfig(sequence_parallel_size=2), strategy)
 
 
 def test_parallelize_without_a_distributed_trainer_fails(tiny_cfg):
