@@ -16,10 +16,11 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
     "generate": ("lm.tools.generate", "sample text from a checkpoint with the KV cache"),
     "export": ("lm.tools.export", "export a checkpoint (e.g. --to hf for transformers)"),
-    "bench": ("lm.bench", "benchmarks: train, decode (ratios measured side by side)"),
+    "bench": ("lm.bench", "benchmarks: train, decode, moe, mixers, attention, scaling (ratios)"),
+    "launch": ("lm.launch", "run a recipe on SLURM (sbatch) or locally through torchrun"),
 }
 
-USAGE = "usage: lm {fit,validate,test,predict} -c RECIPE [--key=value ...] | lm {generate,export,bench} ..."
+USAGE = "usage: lm {fit,validate,test,predict} -c RECIPE [--key=value ...] | lm {generate,export,bench,launch} ..."
 
 
 def _lightning_cli(argv: list[str]) -> None:

@@ -34,6 +34,10 @@ def _lazy(module: str) -> Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "train": _lazy("lm.bench.train"),
     "decode": _lazy("lm.bench.decode"),
+    "moe": _lazy("lm.bench.moe"),
+    "mixers": _lazy("lm.bench.mixers"),
+    "attention": _lazy("lm.bench.attention"),
+    "scaling": _lazy("lm.bench.scaling"),
 }
 
 
