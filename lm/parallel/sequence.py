@@ -301,6 +301,11 @@ def sequence_parallel(module, cfg, strategy) -> None:
         got = type(strategy).__name__ if strategy is not None else "no trainer"
         raise ValueError(f"{KEY}: {size} needs trainer.strategy=ddp or fsdp2 over {size}+ processes "
                          f"(got {got}, world size {world})")
+    from lm.training.module import LanguageModel
+
+    if _owner(type(module), "loss") is not LanguageModel:  # the swap replaces exactly this loss
+        raise ValueError(f"{KEY}: {type(module).__name__} has its own loss; sequence parallelism splits "
+                         "LanguageModel's next-token loss only")
     seq_len = getattr(getattr(getattr(module, "_trainer", None), "datamodule", None), "seq_len", None)
     check_sequence_parallel(module.model, size, world, seq_len if isinstance(seq_len, int) else None, mode)
     if mode == "ring":

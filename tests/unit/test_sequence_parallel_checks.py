@@ -1,7 +1,8 @@
 """Sequence parallelism (lm.parallel.sequence / ring) in one process: config and bad-input errors,
 the token split, the class swaps (plain behaviour without a plan, names unchanged), the data shard.
 
-The 2-process parity and training runs are in tests/distributed/test_sequence_parallel.py.
+The 2-process parity and training runs are in tests/distributed/test_sequence_parallel.py (this
+file has another basename: pytest cannot collect two test modules of one name without packages).
 """
 from __future__ import annotations
 
