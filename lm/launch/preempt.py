@@ -76,6 +76,29 @@ def resolve_resume(trainer) -> Optional[str]:
     return str(max(existing, key=lambda p: (p.stat().st_mtime, HPC_RE.match(p.name) is not None)))
 
 
+def _tolerate_dead_wandb(trainer, terminated) -> None:
+    """SLURM's SIGTERM reaches every process of the job, W&B's service process too, which exits at
+    once: rank 0's next W&B ``log_metrics`` would raise and turn a clean stop into a crash before the
+    step boundary. Once ``terminated()``, a failing W&B ``log_metrics`` prints one line instead (the
+    metrics of the last step or so before the signal miss W&B; the CSV log has them)."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ != "WandbLogger" or getattr(lg, "_lm_tolerant", False):
+            continue
+        original = lg.log_metrics
+
+        def log_metrics(*args, _original=original, **kwargs):
+            try:
+                return _original(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 -- the run is stopping at the next step boundary
+                if not terminated():
+                    raise
+                print(f"lm: W&B logging failed after SIGTERM ({type(e).__name__}); the requeued run "
+                      f"continues the W&B run", file=sys.stderr, flush=True)
+
+        lg.log_metrics = log_metrics
+        lg._lm_tolerant = True
+
+
 class Preemption(Checkpoint):
     """Checkpoints and stops the run at the next step boundary after a signal (see module doc).
 
@@ -129,6 +152,7 @@ class Preemption(Checkpoint):
         # just before this hook; ours replaces it for the training loop.
         self._install()
         self._training = True
+        _tolerate_dead_wandb(trainer, lambda: signal.SIGTERM in self.received)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._checked_step or self._pending is not None:

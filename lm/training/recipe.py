@@ -94,9 +94,10 @@ def _keep_wandb_run_id(logger, root: str) -> None:
     if path.exists():
         run_id = path.read_text().strip()
     elif (_get_rank() or 0) == 0:
-        import wandb
+        import secrets
+        import string
 
-        run_id = wandb.util.generate_id()
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
     else:

@@ -53,8 +53,15 @@ def tiny_recipe(tmp: Path, run: Path, wandb: bool = False) -> Path:
 
 
 def signal_mid_run(job_id: str, run: Path, send: list[str]) -> None:
-    wait_for(lambda: len((run / "losses.rank0.jsonl").read_text().splitlines()) >= 5
-             if (run / "losses.rank0.jsonl").exists() else False, 240, f"job {job_id} to train 5 steps")
+    losses = run / "losses.rank0.jsonl"
+
+    def trained_5_steps() -> bool:
+        state = job_info(job_id).get("JobState")
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} is {state} before the signal:\n" + \
+            (run / f"slurm-{job_id}.out").read_text()[-3000:]
+        return losses.exists() and len(losses.read_text().splitlines()) >= 5
+
+    wait_for(trained_5_steps, 240, f"job {job_id} to train 5 steps")
     subprocess.run([*send, job_id], check=True, capture_output=True)
 
 
