@@ -60,20 +60,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launch flags vs recipe overrides (``--key=value`` or ``--key value`` with a dotted key)."""
+    """Launch flags vs recipe overrides: every ``--key[=value]`` that is not a launch flag is passed to
+    ``lm fit`` (``--key value`` too: the next word goes with it)."""
+    parser = _parser()
+    ours_flags = {o for a in parser._actions for o in a.option_strings}
     ours, overrides, i = [], [], 0
-    dotted = lambda a: a.startswith("--") and "." in a.split("=", 1)[0]  # noqa: E731
     while i < len(argv):
         a = argv[i]
-        if dotted(a):
+        key = a.split("=", 1)[0]
+        if a.startswith("-") and key not in ours_flags and len(a) > 1 and not a[1:].isdigit():
             overrides.append(a)
-            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 overrides.append(argv[i + 1])
                 i += 1
         else:
             ours.append(a)
         i += 1
-    return _parser().parse_args(ours), overrides
+    return parser.parse_args(ours), overrides
 
 
 def _run_dir(args, overrides: list[str], recipe: Path) -> tuple[Path, list[str]]:

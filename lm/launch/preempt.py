@@ -178,7 +178,8 @@ class Preemption(Checkpoint):
             if stop.requeue and os.environ.get("SLURM_JOB_ID"):
                 Path(trainer.default_root_dir, REQUEUE_REQUEST).write_text(os.environ["SLURM_JOB_ID"] + "\n")
             what = "requeue requested" if stop.requeue else "stopping"
-            print(f"lm: preempted: checkpoint of step {stop.step} written to {stop.path}; {what}",
+            names = ",".join(sorted({signal.Signals(s).name for s in self.received}))
+            print(f"lm: preempted ({names}): checkpoint of step {stop.step} written to {stop.path}; {what}",
                   file=sys.stderr, flush=True)
         raise stop
 

@@ -65,14 +65,14 @@ def signal_mid_run(job_id: str, run: Path, send: list[str]) -> None:
     subprocess.run([*send, job_id], check=True, capture_output=True)
 
 
-def assert_continuous(run: Path, log: str) -> None:
+def assert_continuous(run: Path, log: str, sig: str) -> None:
     per_rank = recorded(run)  # asserts that no rank records a step twice
     assert sorted(per_rank) == [0, 1]
     for rank, steps in per_rank.items():
         assert sorted(steps) == list(range(STEPS)), f"rank {rank} trained steps {sorted(steps)}"
     logged = csv_steps(run)
     assert logged == list(range(STEPS)), f"logged steps {logged}"
-    assert "preempted: checkpoint of step" in log and "hpc_ckpt_1.ckpt" in log
+    assert f"lm: preempted ({sig}): checkpoint of step" in log and "hpc_ckpt_1.ckpt" in log
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
 
 
@@ -97,7 +97,7 @@ def test_scontrol_requeue_resumes_without_lost_or_repeated_steps(slurm, tmp_path
     info = wait_done(job, run / f"slurm-{job}.out")
     log = (run / f"slurm-{job}.out").read_text()
     assert info["Restarts"] == "1"
-    assert_continuous(run, log)
+    assert_continuous(run, log, "SIGTERM")
     run_id = (run / "wandb_run_id").read_text().strip()
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in wandb_runs), wandb_runs
@@ -113,5 +113,5 @@ def test_pre_timeout_signal_checkpoints_and_requeues_itself(slurm, tmp_path):
     info = wait_done(job, run / f"slurm-{job}.out")
     log = (run / f"slurm-{job}.out").read_text()
     assert info["Restarts"] == "1" and f"lm: requeueing job {job}" in log and "requeue requested" in log
-    assert_continuous(run, log)
+    assert_continuous(run, log, "SIGUSR1")
     assert job_info(job)["JobState"] == "COMPLETED" and not (run / "requeue.request").exists()
