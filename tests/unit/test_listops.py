@@ -130,3 +130,22 @@ def test_data_module_builds_listops_batches():
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 64) and (batch["input_ids"][:, -1] == MARKER).all()
     assert ((batch["labels"][:, -1] >= DIGIT0) & (batch["labels"][:, -1] < DIGIT0 + 10)).all()
+
+
+@pytest.mark.parametrize("options, lengths", [
+    ({"op_prob": 0.0, "max_args": 2}, {4}),  # a root operator over two digits: "[OP d d ]"
+    ({"max_depth": 1, "max_args": 4, "op_prob": 1.0}, {4, 5, 6}),  # only the root is an operator
+    ({"max_depth": 2, "max_args": 2, "op_prob": 1.0}, {10}),  # full binary tree of depth 2
+])
+def test_tree_shapes_follow_the_options(options, lengths):
+    task = build_task("listops", 64, 17, options)
+    seen = {len(tokens(task.draw(np.random.default_rng(i)))) for i in range(60)}
+    assert seen <= lengths and seen, seen
+
+
+def test_to_string_drops_blanks_and_marks_the_cue():
+    task = build_task("listops", 32, 17, {"op_prob": 0.0, "max_args": 2})
+    ids, labels = task.sample(np.random.default_rng(5))
+    text = to_string(ids)
+    assert text.endswith(" =") and text.count("]") == 1 and len(text.split()) == 5
+    assert evaluate(parse(text[:-2])) == labels[-1] - DIGIT0
