@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lm.launch.job import DERIVED_KEYS, Job, LaunchError, load_profile, local_profile
+from lm.launch.job import DERIVED_KEYS, Job, LaunchError, check_job, load_profile, local_profile
 
 __all__ = ["main", "Job", "LaunchError", "DERIVED_KEYS"]
 
@@ -132,8 +132,6 @@ def build_job(argv: list[str]) -> tuple[Job, argparse.Namespace]:
         if not args.dry_run and shutil.which("sbatch") is None:
             raise LaunchError("sbatch not found on PATH: run lm launch on a SLURM login node, or use --local "
                               "(torchrun on this machine) or --dry-run (print the script)")
-    from lm.launch.check import check_job
-
     job.overrides = job.overrides + check_job(job, args.global_batch_size)
     return job, args
 
