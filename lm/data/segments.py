@@ -75,7 +75,7 @@ class SegmentDocuments(Dataset):
         ids = rng.integers(self.filler_lo, self.vocab, (g + 1) * S)
         labels = np.full((g + 1) * S, IGNORE_INDEX)
         ids[0:2 * P:2], ids[1:2 * P:2] = keys, values  # the facts open segment 0
-        q = g * S  # the queries open segment g
+        q = g * S if g else 2 * P  # the queries open segment g (gap 0: right after the facts)
         ids[q:q + 2 * P:2], ids[q + 1:q + 2 * P:2] = keys[order], values[order]
         labels[q:q + 2 * P:2] = values[order]
         return ids, labels
@@ -88,7 +88,7 @@ class SegmentDocuments(Dataset):
         ids = torch.from_numpy(np.stack([d[0] for d in docs]).astype(np.int64))
         labels = torch.from_numpy(np.stack([d[1] for d in docs]).astype(np.int64))
         q = g * self.S
-        return {"input_ids": ids[:, q:], "labels": labels[:, q:], "context_ids": ids[:, :q]}
+        return {"input_ids": ids[:, q:], "labels": labels[:, q:], "context_ids": ids[:, :q]}  # g = 0: no context
 
 
 class SegmentRecallDataModule(L.LightningDataModule):
@@ -99,7 +99,10 @@ class SegmentRecallDataModule(L.LightningDataModule):
         num_pairs: facts per document (and queries in its last segment); ``2 * num_pairs <= segment_len``.
         num_keys, num_values: key and value token ranges (``[2, 2+K)``, ``[2+K, 2+K+V)``); the rest of
             ``vocab_size`` are distractor tokens (at least one).
-        train_gaps: gaps (segments from facts to queries) of the training batches, one per batch in turn.
+        train_gaps: gaps (segments from facts to queries) of the training batches, one per batch in turn;
+            gap 0 puts the queries right after the facts in one segment: local recall, which trains
+            the key/value projections the memory reuses (its stored pairs are detached, so the
+            cross-segment queries alone train only the queries and the gate).
         eval_gaps: one evaluation set per gap, named ``dist<gap * segment_len>``.
         batch_size: documents per batch (one memory row each).
         num_train: training batches (steps) per epoch; num_val: evaluation batches per set.
@@ -127,19 +130,23 @@ class SegmentRecallDataModule(L.LightningDataModule):
         if 2 + self.num_keys + self.num_values >= self._vocab_size:
             raise ValueError(f"{_KEY}.vocab_size: needs room for distractors: > 2 + num_keys + num_values = "
                              f"{2 + self.num_keys + self.num_values}, got {vocab_size}")
-        self.train_gaps = self._gaps("train_gaps", [1] if train_gaps is None else train_gaps)
-        self.eval_gaps = self._gaps("eval_gaps", self.train_gaps if eval_gaps is None else eval_gaps)
+        self.train_gaps = self._gaps("train_gaps", [1] if train_gaps is None else train_gaps, low=0)
+        self.eval_gaps = self._gaps("eval_gaps", [g for g in self.train_gaps if g] or [1] if eval_gaps is None
+                                    else eval_gaps, low=1)
+        if 0 in self.train_gaps and 4 * self.num_pairs > self.segment_len:
+            raise ValueError(f"{_KEY}.train_gaps: gap 0 (facts and queries in one segment) needs segment_len >= "
+                             f"4 * num_pairs = {4 * self.num_pairs}, got {self.segment_len}")
         if len(set(self.eval_gaps)) != len(self.eval_gaps):
             raise ValueError(f"{_KEY}.eval_gaps: gaps must be distinct, got {self.eval_gaps}")
         self.val_names = [f"dist{g * self.segment_len}" for g in self.eval_gaps]
         self.tokenizer = None
 
     @staticmethod
-    def _gaps(name: str, gaps) -> list[int]:
+    def _gaps(name: str, gaps, low: int) -> list[int]:
         gaps = list(gaps)
         if not gaps:
-            raise ValueError(f"{_KEY}.{name}: a non-empty list of positive integers, got {gaps!r}")
-        return [_check_int(f"{name}[{i}]", g, 1) for i, g in enumerate(gaps)]
+            raise ValueError(f"{_KEY}.{name}: a non-empty list of integers >= {low}, got {gaps!r}")
+        return [_check_int(f"{name}[{i}]", g, low) for i, g in enumerate(gaps)]
 
     def _documents(self, num_batches: int, gaps: list[int], split: str, rank: int = 0) -> SegmentDocuments:
         return SegmentDocuments(num_batches=num_batches, batch_size=self.batch_size, gaps=gaps,
@@ -188,7 +195,7 @@ class SegmentRecallDataModule(L.LightningDataModule):
         from lm.mixers.knn_memory import reset_memories
 
         model = trainer.lightning_module.model
-        if reset_memories(model):  # no memory layer: the earlier segments cannot matter
+        if reset_memories(model) and context.shape[1]:  # no memory layer: earlier segments cannot matter
             with torch.no_grad():
                 for seg in context.split(self.segment_len, dim=1):
                     model(seg)

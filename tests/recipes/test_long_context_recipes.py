@@ -157,6 +157,19 @@ def test_documents_put_facts_first_and_queries_last():
     assert not torch.equal(dm._documents(4, [1, 2], "val")[1]["context_ids"], ds[1]["context_ids"])
 
 
+def test_gap_zero_is_local_recall_without_context():
+    dm = _module(train_gaps=[0, 1], num_pairs=4)
+    assert dm.eval_gaps == [1, 3]
+    b = dm._documents(2, [0, 1], "train")[0]
+    ids, labels = b["input_ids"], b["labels"]
+    assert b["context_ids"].shape == (3, 0) and ids.shape == (3, 16)
+    for r in range(3):
+        facts = dict(zip(ids[r, 0:8:2].tolist(), ids[r, 1:8:2].tolist()))
+        for p in range(8, 16, 2):  # the queries follow the facts in the same segment
+            assert labels[r, p] == facts[int(ids[r, p])]
+        assert (labels[r, :8] == -100).all()
+
+
 @pytest.mark.parametrize("memory_size, kept", [(32, 32), (16, 16), (64, 32)])
 def test_hook_clears_the_memory_and_writes_the_earlier_segments(memory_size, kept):
     from types import SimpleNamespace
@@ -194,6 +207,8 @@ def test_hook_clears_the_memory_and_writes_the_earlier_segments(memory_size, kep
     ({"eval_gaps": [1, 0]}, "data.eval_gaps[1]"),
     ({"eval_gaps": [2, 2]}, "data.eval_gaps"),
     ({"segment_len": 1}, "data.segment_len"),
+    ({"train_gaps": [0, 1], "num_pairs": 5}, "data.train_gaps"),  # 4 * 5 > segment_len 16
+    ({"train_gaps": [-1]}, "data.train_gaps[0]"),
     ({"batch_size": 0}, "data.batch_size"),
 ])
 def test_segment_module_bad_options_name_the_key(kw, key):
