@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lm.mixers.attention_variants  # noqa: F401  (registers attention_abs until lm.mixers imports it)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(str(Path(p).relative_to(ROOT)) for p in glob.glob(str(ROOT / "recipes" / "mixers" / "*.yaml"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lm.nn.moe  # noqa: F401  (registers ffn "moe" until lm.models.block imports it)
+import lm.nn.moe
 from lm.bench.moe import param_counts
 from lm.models import DecoderConfig, DecoderLM
 
