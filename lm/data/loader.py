@@ -30,6 +30,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+def data_shard(trainer) -> tuple[int, int]:
+    """This process's data-parallel shard ``(rank, world)``: Lightning's ``distributed_sampler_kwargs``
+    (ranks that split one sequence, lm.parallel.sequence, share a shard); ``(0, 1)`` without a trainer."""
+    if trainer is None:
+        return 0, 1
+    kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
+
+
 class ResumableSampler(Sampler[int]):
     """Per-epoch permutation from ``torch.Generator().manual_seed(seed + epoch)``, sharded for data
     parallel: the permutation is truncated to a multiple of ``world_size * batch_size`` (drop_last,

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from lm.data.loader import ResumableLoader
+from lm.data.loader import ResumableLoader, data_shard
 from lm.data.synthetic import SyntheticDataset, build_task
 
 
@@ -82,13 +82,7 @@ class SyntheticDataModule(L.LightningDataModule):
                              f"data.vocab_size={self._vocab_size}")
 
     def _rank_world(self) -> tuple[int, int]:
-        """This process's data-parallel shard: Lightning's ``distributed_sampler_kwargs`` (ranks that
-        split one sequence, lm.parallel.sequence, share a shard); (rank, world) otherwise."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
+        return data_shard(getattr(self, "trainer", None))
 
     def train_dataset(self) -> SyntheticDataset:
         return SyntheticDataset(self.train_task, self.num_train, self.seed, "train")

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lm.data.corpus import build_corpus, split_documents, text_hash
-from lm.data.loader import ResumableLoader
+from lm.data.loader import ResumableLoader, data_shard
 from lm.data.packing import PackedDataset, build_packed
 from lm.data.tokenizer import EOS, default_cache_dir, file_sha256, get_tokenizer
 
@@ -116,13 +116,7 @@ class TextDataModule(L.LightningDataModule):
         return self.tokenizer.get_vocab_size()
 
     def _rank_world(self) -> tuple[int, int]:
-        """This process's data-parallel shard: Lightning's ``distributed_sampler_kwargs`` (ranks that
-        split one sequence, lm.parallel.sequence, share a shard); (rank, world) otherwise."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
+        return data_shard(getattr(self, "trainer", None))
 
     def _require_setup(self) -> None:
         if self.train_dataset is None:
