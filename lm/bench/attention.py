@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lm.bench.common import clock, device_name, interleave, median, resolve_device, table
+from lm.bench.common import clock, device_name, interleave, median, pyplot, resolve_device, save_figure, table
 from lm.models import DecoderConfig
 from lm.registry import MIXERS
 
@@ -146,12 +146,8 @@ def favor_errors(features: list[int], T: int, D: int, seeds: int = 3) -> dict[in
 
 
 def plot(lengths: dict, times: dict, mems: dict, errs: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     for v in VARIANTS:
@@ -161,14 +157,8 @@ def plot(lengths: dict, times: dict, mems: dict, errs: dict, path: Path) -> Path
     b.set(xlabel="sequence length", ylabel="peak MiB", title="peak memory")
     c.loglog(list(errs), list(errs.values()), "o-")
     c.set(xlabel="random features F", ylabel="mean |FAVOR+ - softmax|", title="FAVOR+ error")
-    for ax in (a, b, c):
-        ax.grid(True, which="both", alpha=0.3)
     a.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, (a, b, c), path)
 
 
 def run(quick: bool = False, device: str = "auto", repeats: int | None = None, out=print) -> dict:

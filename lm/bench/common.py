@@ -88,3 +88,29 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     line = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     return "\n".join([f"== {title}", body[0], line, *body[1:]])
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is missing (the
+    figures do not depend on the plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, axes, path):
+    """Grid on every axis, tight layout, write ``path`` (parents made), close; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lm.bench.common import clock, device_name, fmt, interleave, median, median_ratio, resolve_device, table
+from lm.bench.common import (
+    clock, device_name, fmt, interleave, median, median_ratio, pyplot, resolve_device, save_figure, table,
+)
 from lm.models import DecoderConfig, DecoderLM
 from lm.nn.cache import KVCache
 
@@ -256,12 +258,8 @@ def bench_scan(p: Plan, dev, out) -> dict:
 
 
 def plot(train_secs: dict, decode_ms: dict, res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the figures do not depend on the plot
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k in KINDS:
@@ -275,13 +273,8 @@ def plot(train_secs: dict, decode_ms: dict, res: dict, path: Path) -> Path | Non
     a.set(xlabel="sequence length", ylabel="training step (ms)", title="(a) training step time")
     b.set(xlabel="context length", ylabel="decode step (ms)", title="(b) decode time per token", ylim=(0, None))
     for ax in (a, b):
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, (a, b), path)
 
 
 def run(quick: bool = False, device: str = "auto", repeats: int | None = None, out=print) -> dict:

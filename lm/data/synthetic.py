@@ -17,6 +17,8 @@ Legend: T sequence length, V vocabulary size, K keys, P key-value pairs, N token
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -40,15 +42,16 @@ def _positive_int(value, key: str) -> int:
     return int(value)
 
 
-class SyntheticTask:
+class SyntheticTask(ABC):
     """Base: a seeded generator of ``(input_ids_T, labels_T)`` for a fixed ``seq_len`` and ``vocab_size``."""
 
     def __init__(self, seq_len: int, vocab_size: int):
         self.seq_len = _positive_int(seq_len, "data.seq_len")
         self.vocab_size = _positive_int(vocab_size, "data.vocab_size")
 
+    @abstractmethod
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """One sample: ``(ids [T], labels [T])``, labels -100 except at the answer positions."""
 
     def _empty(self) -> tuple[np.ndarray, np.ndarray]:
         return np.full(self.seq_len, BLANK, dtype=np.int64), np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)

@@ -70,7 +70,7 @@ class RouteGate(TopKGate):
 
     def forward(self, input_SD: torch.Tensor, used_token=None, sparse_routes: bool = False, use_tutel: bool = False):
         if not sparse_routes or use_tutel or used_token is not None:
-            raise NotImplementedError("RouteGate serves DeepSpeed's sparse-route MOELayer (no tutel, no used_token)")
+            raise RuntimeError("RouteGate serves DeepSpeed's sparse-route MOELayer only (no tutel, no used_token)")
         S, E, K = input_SD.shape[0], self.wg.out_features, self.k
         r = route(self.wg(input_SD), K, self.capacity_factor if self.training else self.eval_capacity_factor,
                   self.min_capacity, self.use_rts)

@@ -25,6 +25,7 @@ S keys, G global positions.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Sequence
 
@@ -40,7 +41,7 @@ def _positive(name: str, value, key: str) -> int:
     return value
 
 
-class BlockLayout:
+class BlockLayout(ABC):
     """The generic causal block layout; subclasses choose the table, the rule's span/dilation and
     the global positions. Tables are cached per number of blocks (they only grow with the length:
     the rows of a prefix never depend on the total length, so decoding sees the same pattern as
@@ -61,9 +62,9 @@ class BlockLayout:
         self._cache: OrderedDict = OrderedDict()
 
     # -- subclass hook ----------------------------------------------------------------------------
+    @abstractmethod
     def build_table(self, num_blocks: int) -> torch.Tensor:
         """Key-block table ``[H, N, W]`` (long, -1 = no block), on the CPU."""
-        raise NotImplementedError
 
     # -- derived, cached ------------------------------------------------------------------------
     def _cached(self, name: str, n: int, device, make):
