@@ -99,6 +99,10 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.5):
 def start_now_once_pending(job_id: str, timeout: float = 120) -> None:
     """A requeued job waits ~120 s in PENDING (BeginTime); once it is pending, start it now."""
     wait_for(lambda: job_info(job_id).get("JobState") == "PENDING", timeout, f"job {job_id} to be requeued")
+    # slurmd revokes the old run's credential with a whole-second timestamp and refuses a new launch
+    # whose credential falls in that same second ("Job credential revoked", the job ends FAILED):
+    # the default ~120 s BeginTime never meets it, starting "now" can. Let the second pass first.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
 
 
