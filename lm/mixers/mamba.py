@@ -5,7 +5,7 @@ Parameter names follow transformers' ``MambaMixer`` (in_proj, conv1d, x_proj, dt
 out_proj), so exporting to ``MambaForCausalLM`` is a rename (``lm.tools.export_ssm``).
 
 Legend: B batch, T sequence, M model dim, E inner dim (expand * M), N state size, R dt rank,
-K conv kernel, C chunks, L chunk length.
+K conv kernel.
 """
 from __future__ import annotations
 
@@ -15,54 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.mixers.ssm_scan import selective_scan
 from lm.registry import MIXERS
 
 _KEY = "model.config.mixer_options"
-
-
-def selective_scan(x_BTE: torch.Tensor, dt_BTE: torch.Tensor, A_EN: torch.Tensor, B_BTN: torch.Tensor,
-                   C_BTN: torch.Tensor, h0_BEN: torch.Tensor | None = None, chunk_size: int = 64):
-    """The selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t . h_t``, in fp32.
-
-    Chunked parallel form (the structure of Mamba-2's SSD, for Mamba-1's per-(channel, state) decay):
-
-    1. within every chunk of L steps, all chunks at once, a log2(L)-step doubling scan
-       (Hillis-Steele) on pairs (log-decay of a window, state contribution of the window):
-       ``b_t += exp(la_t) * b_{t-k}; la_t += la_{t-k}`` for k = 1, 2, 4, ...  The decays are
-       exponentials of sums of non-positive log-decays, so nothing can overflow (no ``exp(-cumsum)``
-       factorisation), and after the loop ``la_t`` is the log-decay from the chunk start to t;
-    2. the states at the chunk starts, sequentially over the C = T/L chunks (cheap: [B, E, N] each);
-    3. every position's state ``h_t = b_t + exp(la_t) h_start``, then ``y_t = C_t . h_t``.
-
-    Returns ``y_BTE`` (fp32, without the D skip) and the state after the last step ``h_BEN``.
-    """
-    Bsz, T, E = x_BTE.shape
-    N = A_EN.shape[1]
-    L = max(1, min(chunk_size, T))
-    nC = -(-T // L)
-    pad = nC * L - T
-    x, dt, Bm, Cm = (t.float() for t in (x_BTE, dt_BTE, B_BTN, C_BTN))
-    if pad:  # dt = 0 past the end: decay 1, no input, so padding never touches real positions
-        x, dt, Bm = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, Bm))
-    la = (dt[..., None] * A_EN.float()).view(Bsz, nC, L, E, N)  # log-decays, <= 0
-    b = ((dt * x)[..., None] * Bm[:, :, None, :]).view(Bsz, nC, L, E, N)
-    k = 1
-    while k < L:
-        b = torch.cat([b[:, :, :k], b[:, :, k:] + torch.exp(la[:, :, k:]) * b[:, :, :-k]], dim=2)
-        la = torch.cat([la[:, :, :k], la[:, :, k:] + la[:, :, :-k]], dim=2)
-        k *= 2
-    h = h0_BEN.float() if h0_BEN is not None else x.new_zeros(Bsz, E, N)
-    if nC == 1:
-        h_start = h[:, None]
-    else:
-        decay_end, b_end, starts = torch.exp(la[:, :, -1]), b[:, :, -1], []
-        for c in range(nC):
-            starts.append(h)
-            h = b_end[:, c] + decay_end[:, c] * h
-        h_start = torch.stack(starts, dim=1)  # [B, C, E, N]
-    h_BTEN = (b + torch.exp(la) * h_start[:, :, None]).view(Bsz, nC * L, E, N)[:, :T]
-    y_BTE = torch.einsum("bten,btn->bte", h_BTEN, Cm)
-    return y_BTE, h_BTEN[:, -1]
+__all__ = ["Mamba", "MambaCache", "selective_scan"]
 
 
 class MambaCache:
@@ -112,7 +69,7 @@ class Mamba(nn.Module):
     ``in_proj`` gives the SSM input x and the gate z (E = expand * dim each); a depthwise causal conv
     (kernel ``d_conv``) mixes neighbours; ``x_proj`` makes the input-dependent dt (rank R), B and C;
     ``A = -exp(A_log)`` (S4D-real init: A_n = -(n+1)) and the ``D`` skip are input-independent.
-    Training runs the chunked parallel scan (``selective_scan``); decoding keeps a constant-size
+    Training runs the blockwise two-level scan (``lm.mixers.ssm_scan``); decoding keeps a constant-size
     ``MambaCache`` and steps the recurrence; a prefill through the cache runs the parallel form and
     leaves the final conv/SSM states in the cache.
     """

@@ -64,10 +64,12 @@ def wkv_parallel(time_decay_C: torch.Tensor, time_first_C: torch.Tensor, k_BTC: 
         n0, d0, m0 = (t.float() for t in state)
     init = (n0, d0, m0)
     starts = []
-    for c in range(nC):
+    # unbind, not n[:, c, -1]: each indexing's backward would write a full-size zero gradient
+    # (O(N^2) work over the loop); unbind's backward is one stack
+    for c, (nc, dc, mc) in enumerate(zip(*(t[:, :, -1].unbind(1) for t in (n, d, m)))):
         starts.append((n0, d0, m0))
         if c + 1 < nC:
-            n0, d0, m0 = _merge(n[:, c, -1], d[:, c, -1], m[:, c, -1], n0, d0, m0 - L * w_C)
+            n0, d0, m0 = _merge(nc, dc, mc, n0, d0, m0 - L * w_C)
     N0, D0, M0 = (torch.stack(z, dim=1)[:, :, None] for z in zip(*starts))  # [B, N, 1, C]
     j_L1 = torch.arange(1, L + 1, device=k.device, dtype=k.dtype)[:, None]
     S = _merge(n, d, m, N0, D0, M0 - j_L1 * w_C)
