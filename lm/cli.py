@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv[0]
     from lm.errors import LMError
+    from lm.malloc import keep_freed_blocks
+
+    keep_freed_blocks()  # CPU: reuse freed activations instead of re-faulting them (lm/malloc.py)
 
     try:
         if cmd in TRAINER_COMMANDS:
