@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lm.data.loader import ResumableLoader
 from lm.data.synthetic import IGNORE_INDEX, SPLITS
 
 _KEY = "data"
@@ -47,6 +48,11 @@ def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{_KEY}.{name}: must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def _only_item(items: list) -> dict:
+    """Collate of the resumable loader: an item already is a whole batch."""
+    return items[0]
 
 
 class SegmentDocuments(Dataset):
@@ -174,8 +180,11 @@ class SegmentRecallDataModule(L.LightningDataModule):
         # items are whole batches (batch_size=None): drawn from their index, no shuffle needed
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._documents(self.num_train, self.train_gaps, "train", self._rank()))
+    def train_dataloader(self) -> ResumableLoader:
+        """Item after item, resumable mid-epoch (its position travels in the checkpoint). Every
+        rank walks the same item indices; its documents differ through ``row_offset``."""
+        return ResumableLoader(self._documents(self.num_train, self.train_gaps, "train", self._rank()), 1,
+                               shuffle=False, seed=self.seed, collate_fn=_only_item)
 
     def _eval(self, split: str) -> list[DataLoader]:
         return [self._loader(self._documents(self.num_val, [g], split, self._rank())) for g in self.eval_gaps]

@@ -170,6 +170,23 @@ def test_gap_zero_is_local_recall_without_context():
         assert (labels[r, :8] == -100).all()
 
 
+def test_train_loader_resumes_mid_epoch_without_repeating_or_skipping():
+    dm = _module(num_train=6)
+    full = list(dm.train_dataloader())
+    assert len(full) == 6 and [b["context_ids"].shape[1] for b in full] == [16, 32] * 3  # gaps in turn
+    first = dm.train_dataloader()
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 2
+    for a, b in zip(rest, full[4:]):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 @pytest.mark.parametrize("memory_size, kept", [(32, 32), (16, 16), (64, 32)])
 def test_hook_clears_the_memory_and_writes_the_earlier_segments(memory_size, kept):
     from types import SimpleNamespace
