@@ -22,6 +22,7 @@ Legend: B batch, T sequence, E channels, N states, K block length, C chunks, L c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_BLOCK_ELEMS = {"cpu": 1 << 21, "cuda": 1 << 27}  # floats of one [B, K, E, N] block tensor
 
@@ -34,11 +35,9 @@ def linear_scan(a_BKEN: torch.Tensor, u_BKEN: torch.Tensor, h0_BEN: torch.Tensor
     L = max(1, min(chunk, K))
     nC = -(-K // L)
     pad = nC * L - K
-    if pad:  # a = 1, u = 0: the state passes through unchanged, so padding never touches real steps
-        a_BKEN = torch.cat([a_BKEN, a_BKEN.new_ones(Bsz, pad, E, N)], 1) if not reverse else \
-            torch.cat([a_BKEN.new_ones(Bsz, pad, E, N), a_BKEN], 1)
-        u_BKEN = torch.cat([u_BKEN, u_BKEN.new_zeros(Bsz, pad, E, N)], 1) if not reverse else \
-            torch.cat([u_BKEN.new_zeros(Bsz, pad, E, N), u_BKEN], 1)
+    if pad:  # a = 1, u = 0 after the last step (in scan order): the state passes through unchanged
+        side_K = (0, 0, 0, 0, 0, pad) if not reverse else (0, 0, 0, 0, pad, 0)
+        a_BKEN, u_BKEN = F.pad(a_BKEN, side_K, value=1.0), F.pad(u_BKEN, side_K)
     a, u = a_BKEN.view(Bsz, nC, L, E, N), u_BKEN.view(Bsz, nC, L, E, N)
     h, P = torch.empty_like(u), torch.empty_like(a)  # local states, cumulative decays within a chunk
     steps = range(L) if not reverse else range(L - 1, -1, -1)
