@@ -16,6 +16,8 @@ from lm.mixers.linear_attention import (
 )
 from lm.models import DecoderConfig, DecoderLM
 
+from pattern_training import assert_loss_falls  # tests/unit/pattern_training.py
+
 
 def phis(kind, B=2, K=2, G=2, T=23, D=8, Fn=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -106,16 +108,7 @@ def test_recurrent_decode_equals_full_forward(mixer):
 def test_mixer_trains(mixer):
     torch.manual_seed(0)
     model = tiny(mixer, **MIXERS[mixer]).train()
-    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]).repeat(2, 5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls(model, steps=15)
 
 
 def test_performer_redraw_schedule_and_checkpoint():

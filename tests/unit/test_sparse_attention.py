@@ -15,6 +15,8 @@ from lm.mixers.sparse.backends import block_sparse_attention, flex_sparse_attent
 from lm.mixers.sparse.layout import BigBirdLayout, LongformerLayout, SlidingWindowLayout, dense_reference_mask
 from lm.models import DecoderConfig, DecoderLM
 
+from pattern_training import assert_loss_falls  # tests/unit/pattern_training.py
+
 H = 4
 
 
@@ -192,16 +194,7 @@ def test_mixer_decode_equals_full_forward(mixer):
 def test_mixer_trains(mixer):
     torch.manual_seed(0)
     model = tiny(mixer, **MIXERS[mixer]).train()
-    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]).repeat(2, 5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls(model, steps=12)
 
 
 def test_blocksparse_sliding_equals_sliding_window_mixer():
