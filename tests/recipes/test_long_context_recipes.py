@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from shortened import SHORT, SHORT_SYNTHETIC  # tests/recipes/shortened.py
+
 ROOT = Path(__file__).resolve().parents[2]
 DIR = ROOT / "recipes" / "long_context"
 RECIPES = sorted(Path(p).stem for p in glob.glob(str(DIR / "*.yaml")) if not p.endswith(".gpu.yaml"))
@@ -20,10 +22,8 @@ LISTOPS = ["listops_attention", "listops_sliding_window", "listops_longformer", 
 SYNTHETIC = [*LISTOPS, "copy_at_distance_inside", "copy_at_distance_beyond"]
 SEGMENTS = ["knn_memory_recall"]
 TEXT = ["long_document_lm"]
-SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-         "--trainer.enable_checkpointing=false", "--trainer.num_sanity_val_steps=0"]
 SHORT_DATA = {
-    "synthetic": ["--data.init_args.batch_size=4", "--data.init_args.num_val=4", "--data.init_args.num_train=64"],
+    "synthetic": SHORT_SYNTHETIC,
     "segments": ["--data.init_args.batch_size=4", "--data.init_args.num_val=2", "--data.init_args.num_train=8"],
     "text": ["--data.init_args.max_bytes=150000", "--data.init_args.vocab_size=320",
              "--model.init_args.config.vocab_size=320", "--data.init_args.seq_len=512",
@@ -37,15 +37,6 @@ def kind(name: str) -> str:
 
 def load(name: str) -> dict:
     return yaml.safe_load((DIR / f"{name}.yaml").read_text())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny steps: one intra-op thread beats two contended ones on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_every_long_context_recipe_is_covered():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shortened import SHORT, SHORT_SYNTHETIC  # tests/recipes/shortened.py
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(str(Path(p).relative_to(ROOT)) for p in glob.glob(str(ROOT / "recipes" / "mixers" / "*.yaml"))
@@ -17,21 +18,9 @@ SYNTHETIC = ["associative_recall_hyena", "associative_recall_rwkv", "induction_h
              "induction_heads_attention_abs", "selective_copying_mamba", "selective_copying_hyena",
              "selective_copying_attention"]
 TEXT = ["mamba_lm", "rwkv_lm", "hybrid_lm", "dense_lm"]
-SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-         "--trainer.enable_checkpointing=false", "--trainer.num_sanity_val_steps=0"]
-SHORT_SYNTHETIC = ["--data.init_args.batch_size=4", "--data.init_args.num_val=4", "--data.init_args.num_train=64"]
 SHORT_TEXT = ["--data.init_args.max_bytes=150000", "--data.init_args.vocab_size=320",
               "--model.init_args.config.vocab_size=320", "--data.init_args.seq_len=32",
               "--data.init_args.batch_size=4", "--data.init_args.val_batches=1", "--data.init_args.num_proc=1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny steps: one intra-op thread beats two contended ones on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_every_mixer_recipe_is_covered():
