@@ -105,6 +105,24 @@ def test_blocksparse_equals_masked_sdpa(name, T, chunk):
         assert_close(g, r)
 
 
+@pytest.mark.parametrize("name", ["sliding", "longformer", "bigbird"])
+def test_blocksparse_bf16_tracks_fp32(name):
+    """bf16 inputs (CPU autocast training): output and gradients stay within bf16 rounding of the
+    fp32 path; key/value gradients accumulate over chunks in fp32."""
+    lay = layouts()[name]
+    q, k, v = qkv(48)
+    out = block_sparse_attention(q, k, v, lay, chunk_size=8)
+    w = torch.randn_like(out)
+    ref = torch.autograd.grad((out * w).sum(), [q, k, v])
+    lo = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out16 = block_sparse_attention(*lo, lay, chunk_size=8)
+    assert out16.dtype == torch.bfloat16
+    assert_close(out16.float(), out.detach(), atol=3e-2, rtol=3e-2)
+    for g, r in zip(torch.autograd.grad((out16.float() * w).sum(), lo), ref):
+        assert g.dtype == torch.bfloat16
+        assert_close(g.float(), r, atol=6e-2, rtol=5e-2)
+
+
 @pytest.mark.slow  # one FlexAttention compile (~15-20 s on CPU), shared by the three layouts
 def test_flex_equals_masked_sdpa_forward():
     T = 100  # one shape for all: same compiled kernel, only the mask tensors differ

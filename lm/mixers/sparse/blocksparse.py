@@ -107,7 +107,8 @@ class _BlockSparse(torch.autograd.Function):
         dout = dout_BHTD.contiguous().view(B, H, N, b, D)
         delta = (dout.float() * out.view(B, H, N, b, D).float()).sum(-1)  # [B, H, N, b]
         dq = torch.empty_like(q).view(B, H, N, b, D)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        # fp32 accumulators: a key block collects the gradients of up to W query blocks' chunks
+        dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (k, v))
         dk_rows, dv_rows = dk.view(B, H * N, b, D), dv.view(B, H * N, b, D)
         dkglob = q.new_zeros(B, H, G, D, dtype=torch.float32)
         dvglob = torch.zeros_like(dkglob)
@@ -128,18 +129,18 @@ class _BlockSparse(torch.autograd.Function):
             dq_c = torch.einsum("bhnqk,bhnkd->bhnqd", ds[..., :W * b], kg)
             rows = _flat_index(idx_HNW[:, c], N)
             dk_rows.index_add_(1, rows, torch.einsum("bhnqk,bhnqd->bhnkd", ds[..., :W * b], q_c)
-                               .reshape(B, H * n * W, b, D))
+                               .reshape(B, H * n * W, b, D).float())
             dv_rows.index_add_(1, rows, torch.einsum("bhnqk,bhnqd->bhnkd", p[..., :W * b], do_c)
-                               .reshape(B, H * n * W, b, D))
+                               .reshape(B, H * n * W, b, D).float())
             if G:
                 dq_c = dq_c + torch.einsum("bhnqg,bhgd->bhnqd", ds[..., W * b:], kglob)
                 dkglob += torch.einsum("bhnqg,bhnqd->bhgd", ds[..., W * b:], q_c).float()
                 dvglob += torch.einsum("bhnqg,bhnqd->bhgd", p[..., W * b:], do_c).float()
             dq[:, :, c] = dq_c
         if G:
-            dk.index_add_(2, g_G, dkglob.to(dk.dtype))
-            dv.index_add_(2, g_G, dvglob.to(dv.dtype))
-        return dq.view(B, H, T, D), dk, dv, None, None, None, None, None
+            dk.index_add_(2, g_G, dkglob)
+            dv.index_add_(2, g_G, dvglob)
+        return dq.view(B, H, T, D), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _scores(q, k, v, kglob, idx_HnW, keep_HnbWb, g_G, qpos_nb, scale, n0, N):
