@@ -17,25 +17,28 @@ f0 = faults()
 for _ in range(8):
     x = torch.ones(16 << 20)
     del x
-print(applied, (faults() - f0) * 4096 / (8 * 64 << 20))
+print(applied, faults() - f0)
 """
 
 
-def probe(env_extra: dict) -> tuple[bool, float]:
+def probe(env_extra: dict) -> tuple[bool, int]:
+    """Whether the policy was applied, and the minor page faults of 8 reallocations of 64 MiB."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "LM_MALLOC"}
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
-    applied, per_alloc = out.stdout.split()
-    return applied == "True", float(per_alloc)
+    applied, faults = out.stdout.split()
+    return applied == "True", int(faults)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt policy is glibc (Linux) only")
 def test_policy_reuses_freed_large_blocks():
-    applied, faulted = probe({})
+    # Counts, not bytes: with transparent huge pages a fault can map 2 MiB instead of 4 KiB, so only
+    # the ratio of the two runs is machine-independent.
+    applied, kept = probe({})
     assert applied
-    assert faulted < 0.1, f"{faulted:.2f} of every reallocated 64 MiB block was page-faulted again"
-    applied, faulted = probe({"LM_MALLOC": "system"})
-    assert not applied
-    assert faulted > 0.9, f"glibc's default should re-fault a fresh mmap each time, got {faulted:.2f}"
+    system_applied, fresh = probe({"LM_MALLOC": "system"})
+    assert not system_applied
+    assert fresh >= 8, f"glibc's default should page-fault each fresh 64 MiB mmap, saw {fresh} faults"
+    assert kept < 0.1 * fresh, f"with the policy {kept} faults, without {fresh}: freed blocks were not reused"
