@@ -110,11 +110,8 @@ def _comm(numel: int, world: int, dev: torch.device, reps: int = 5) -> dict[str,
     full = torch.randn(n, device=dev)
     shard = torch.empty(n // world, device=dev)
 
-    def reduce_scatter():
-        try:
-            dist.reduce_scatter_tensor(shard, full)
-        except (RuntimeError, NotImplementedError):  # a backend without it: an all-reduce moves as much
-            dist.all_reduce(full)
+    def reduce_scatter():  # gloo and NCCL both have it
+        dist.reduce_scatter_tensor(shard, full)
 
     ops = {
         "ddp": lambda: dist.all_reduce(full),

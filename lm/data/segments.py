@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lm.data.loader import ResumableLoader
+from lm.data.loader import ResumableLoader, data_shard
 from lm.data.synthetic import IGNORE_INDEX, SPLITS
 
 _KEY = "data"
@@ -173,8 +173,7 @@ class SegmentRecallDataModule(L.LightningDataModule):
             raise ValueError(f"model.config.max_seq_len: {cfg.max_seq_len} is shorter than data.segment_len={self.segment_len}")
 
     def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return 0 if trainer is None else trainer.global_rank
+        return data_shard(getattr(self, "trainer", None))[0]  # ranks splitting one sequence share rows
 
     def _loader(self, ds: SegmentDocuments) -> DataLoader:
         # items are whole batches (batch_size=None): drawn from their index, no shuffle needed

@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 from lm.bench.attention import PeakTensorMemory
-from lm.mixers.sparse.backends import block_sparse_attention, flex_sparse_attention, gathered_keys
+from lm.mixers.sparse.backends import flex_sparse_attention
+from lm.mixers.sparse.blocksparse import block_sparse_attention, gathered_keys
 from lm.mixers.sparse.layout import BigBirdLayout, LongformerLayout, SlidingWindowLayout, dense_reference_mask
 from lm.models import DecoderConfig, DecoderLM
 

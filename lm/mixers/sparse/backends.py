@@ -21,7 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lm.mixers.sparse.blocksparse import block_sparse_attention, gathered_keys  # noqa: F401  (one import site)
 from lm.mixers.sparse.layout import BlockLayout
 
 

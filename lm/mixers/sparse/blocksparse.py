@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from lm.mixers.sparse.layout import BlockLayout
 
 
-def _local_mask(layout: BlockLayout, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(idx_HNW, allowed_HNbWb, kpos_HNWb)``: table, which gathered keys each query may use
-    (the rule, causal, table padding, and not a global key: those come in through their own
-    columns so no key is counted twice), and the gathered keys' positions. Cached per length."""
+def _local_mask(layout: BlockLayout, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx_HNW, allowed_HNbWb)``: the table and which gathered keys each query may use (the
+    rule, causal, table padding, and not a global key: those come in through their own columns so
+    no key is counted twice). Cached per length."""
     def make():
         b, num_blocks = layout.block_size, layout.num_blocks(length)
         idx_HNW, valid_HNW = layout.table(num_blocks, device)
@@ -43,7 +43,7 @@ def _local_mask(layout: BlockLayout, length: int, device) -> tuple[torch.Tensor,
         keep &= valid_HNW.repeat_interleave(b, dim=-1)[:, :, None, :]
         # only globals inside the sequence: a padded query must keep its own (padded) key
         keep &= ~torch.isin(kpos_HNWb, layout.globals_below(length, device))[:, :, None, :]
-        return idx_HNW, keep, kpos_HNWb
+        return idx_HNW, keep
     return layout._cached("blocksparse", length, device, make)
 
 
@@ -81,9 +81,8 @@ class _BlockSparse(torch.autograd.Function):
         lse = q_BHTD.new_empty(B, H, N, b, dtype=torch.float32)
         for n0 in range(0, N, step):
             c = slice(n0, n0 + step)
-            s_loc, s_glob, kg, vg = _scores(q_BHTD, k_BHTD, v_BHTD, kglob, idx_HNW[:, c], keep_HNbWb[:, c],
-                                            g_G, qpos_Nb[c], scale, n0, N)
-            s_all = torch.cat([s_loc, s_glob], -1) if G else s_loc
+            s_all, kg, vg = _scores(q_BHTD, k_BHTD, v_BHTD, kglob, idx_HNW[:, c], keep_HNbWb[:, c],
+                                    g_G, qpos_Nb[c], scale, n0, N)
             lse_c = torch.logsumexp(s_all, -1)
             p = torch.exp(s_all - lse_c[..., None]).to(q_BHTD.dtype)
             o = torch.einsum("bhnqk,bhnkd->bhnqd", p[..., :W * b], vg)
@@ -114,9 +113,8 @@ class _BlockSparse(torch.autograd.Function):
         dvglob = torch.zeros_like(dkglob)
         for n0 in range(0, N, step):
             c = slice(n0, n0 + step)
-            s_loc, s_glob, kg, vg = _scores(q, k, v, kglob, idx_HNW[:, c], keep_HNbWb[:, c], g_G, qpos_Nb[c],
-                                            scale, n0, N)
-            s_all = torch.cat([s_loc, s_glob], -1) if G else s_loc
+            s_all, kg, vg = _scores(q, k, v, kglob, idx_HNW[:, c], keep_HNbWb[:, c], g_G, qpos_Nb[c],
+                                    scale, n0, N)
             p = torch.exp(s_all - lse[:, :, c, :, None])  # fp32; masked entries are exactly 0
             do_c = dout[:, :, c]
             n = do_c.shape[2]
@@ -144,8 +142,8 @@ class _BlockSparse(torch.autograd.Function):
 
 
 def _scores(q, k, v, kglob, idx_HnW, keep_HnbWb, g_G, qpos_nb, scale, n0, N):
-    """fp32 masked scores of the query blocks n0 .. n0+n: local [B, H, n, b, W*b], global columns
-    [B, H, n, b, G] (or None), and the gathered k / v blocks."""
+    """fp32 masked scores of the query blocks n0 .. n0+n, [B, H, n, b, W*b + G] (local columns, then
+    the global ones), and the gathered k / v blocks."""
     B, H, T, D = q.shape
     n, W = idx_HnW.shape[1:]
     b = T // N
@@ -153,11 +151,12 @@ def _scores(q, k, v, kglob, idx_HnW, keep_HnbWb, g_G, qpos_nb, scale, n0, N):
     kg, vg = _gather(k, rows, n, W, b), _gather(v, rows, n, W, b)
     q_c = q.view(B, H, N, b, D)[:, :, n0:n0 + n]
     s_loc = (torch.einsum("bhnqd,bhnkd->bhnqk", q_c, kg).float() * scale).masked_fill(~keep_HnbWb, float("-inf"))
-    s_glob = None
-    if g_G.numel():  # global columns: every query reads the global keys at or before it
-        s_glob = torch.einsum("bhnqd,bhgd->bhnqg", q_c, kglob).float() * scale
-        s_glob = s_glob.masked_fill(g_G.view(1, 1, -1) > qpos_nb[..., None], float("-inf"))
-    return s_loc, s_glob, kg, vg
+    if not g_G.numel():
+        return s_loc, kg, vg
+    # global columns: every query reads the global keys at or before it
+    s_glob = torch.einsum("bhnqd,bhgd->bhnqg", q_c, kglob).float() * scale
+    s_glob = s_glob.masked_fill(g_G.view(1, 1, -1) > qpos_nb[..., None], float("-inf"))
+    return torch.cat([s_loc, s_glob], -1), kg, vg
 
 
 def block_sparse_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
@@ -179,7 +178,7 @@ def block_sparse_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: t
     N = layout.num_blocks(T)
     pad = N * b - T  # padded keys sit after every real query: causality hides them
     q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q_BHTD, k_BKTD, v_BKTD))
-    idx_HNW, keep_HNbWb, _ = _local_mask(layout, T, device)
+    idx_HNW, keep_HNbWb = _local_mask(layout, T, device)
     g_G = layout.globals_below(T, device)
     step = max(1, chunk_size // b) if chunk_size > 0 else N
     out_BHTD = _BlockSparse.apply(q, k, v, idx_HNW, keep_HNbWb, g_G, scale, step)[:, :, :T]

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from lm.mixers.attention import Attention
-from lm.mixers.sparse.backends import block_sparse_attention, flex_sparse_attention
+from lm.mixers.sparse.backends import flex_sparse_attention
+from lm.mixers.sparse.blocksparse import block_sparse_attention
 from lm.mixers.sparse.layout import BigBirdLayout, BlockLayout, LongformerLayout, SlidingWindowLayout
 from lm.nn.cache import RollingKVCache
 from lm.registry import MIXERS
