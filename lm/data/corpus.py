@@ -92,12 +92,14 @@ def _source_documents(source: str) -> Iterator[Document]:
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"data.sources: '{source}' does not exist")
+    # ids start at the source's own name (``corpus/sub/a.txt``, ``notes.jsonl:3``), never at the
+    # folders above it: the same data gets the same split wherever it sits and however it is written
+    name = path.resolve().name
     if path.is_dir():
-        # ids are relative to the source as written, so moving the folder keeps the split
         for f in _folder_files(path):
-            yield from _file_documents(f, f"{source.rstrip('/')}/{f.relative_to(path).as_posix()}")
+            yield from _file_documents(f, f"{name}/{f.relative_to(path).as_posix()}")
     else:
-        yield from _file_documents(path, source)
+        yield from _file_documents(path, name)
 
 
 def build_corpus(sources: Sequence[str] = (BUILTIN_STDLIB,), max_bytes: int | None = None) -> list[Document]:

@@ -69,8 +69,15 @@ def test_local_sources_jsonl_and_budget(tmp_path):
     src = write_corpus(tmp_path / "c", n_docs=6)
     (src / "more.jsonl").write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(3)) + "\n")
     docs = build_corpus([str(src)])
-    assert len(docs) == 9 and f"{src}/more.jsonl:2" in {d.id for d in docs}
-    assert {d.id for d in docs} >= {f"{src}/sub/doc001.txt", f"{src}/doc000.txt"}
+    assert len(docs) == 9 and "c/more.jsonl:2" in {d.id for d in docs}
+    assert {d.id for d in docs} >= {"c/sub/doc001.txt", "c/doc000.txt"}
+    # ids (and so the split) do not depend on where the folder sits or how its path is written
+    moved = src.rename(tmp_path / "elsewhere")
+    moved.parent.joinpath("x").mkdir()
+    moved = moved.rename(tmp_path / "x" / "c")
+    assert [d.id for d in build_corpus([str(moved) + "/"])] == [d.id for d in docs]
+    assert [d.id for d in build_corpus([str(moved / "more.jsonl")])] == ["more.jsonl:1", "more.jsonl:2", "more.jsonl:3"]
+    moved.rename(src)
     small = build_corpus([str(src)], max_bytes=500)
     assert sum(len(d.text.encode()) for d in small) <= 500 and len(small) < len(docs)
 
