@@ -189,8 +189,6 @@ def _ep_worker(out_path: str, quick: bool, repeats: int | None) -> None:
                       "ep2": lambda: _ep_train_run(cfg, 2, batches, warmup, steps)}, reps)
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(res))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def ep_compare(quick: bool, repeats: int | None, threads: int | None = None) -> dict[str, list[float]]:
@@ -255,4 +253,8 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None)
     a = p.parse_args()
+    from lm.parallel.worker import exit_worker, start_worker
+
+    start_worker()
     _ep_worker(a.ep_worker, a.quick, a.repeats)
+    exit_worker(0)

@@ -150,9 +150,6 @@ def _worker(spec_file: str, out_file: str) -> int:
             res[name]["comm_s"] = seconds
     if rank == 0:
         Path(out_file).write_text(json.dumps(res))
-    if dist.is_initialized():  # a clean exit (platform notes: FSDP2 scripts may abort without it)
-        dist.barrier()
-        dist.destroy_process_group()
     return 0
 
 
@@ -207,4 +204,7 @@ def run(quick: bool = False, device: str = "auto", repeats: int | None = None, o
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], sys.argv[2]))
+    from lm.parallel.worker import exit_worker, start_worker
+
+    start_worker()
+    exit_worker(_worker(sys.argv[1], sys.argv[2]))

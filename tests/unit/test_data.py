@@ -280,7 +280,9 @@ import json, sys
 import lightning as L, torch, torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lm.data import TextDataModule
+from lm.parallel.worker import exit_worker, start_worker
 
+start_worker()
 src, out = sys.argv[1], sys.argv[2]
 
 class Rec(L.LightningModule):
@@ -305,9 +307,9 @@ def fit(max_steps, ckpt=None, cbs=()):
 ck = ModelCheckpoint(dirpath=out + "/ck", filename="{step}", every_n_train_steps=1, save_top_k=-1)
 t, full, n = fit(5, cbs=[ck])
 _, rest, _ = fit(5, ckpt=out + "/ck/step=2.ckpt")
-json.dump({"full": full, "rest": rest, "len": n}, open(f"{out}/rank{t.global_rank}.json", "w"))
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+with open(f"{out}/rank{t.global_rank}.json", "w") as f:
+    json.dump({"full": full, "rest": rest, "len": n}, f)
+exit_worker(0)
 """
 
 

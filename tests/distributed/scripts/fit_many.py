@@ -16,9 +16,8 @@ import os
 import sys
 import time
 
-import torch.distributed as dist
-
 from lm.cli import main
+from lm.parallel.worker import exit_worker, start_worker
 
 
 def run(jobs_file: str) -> int:
@@ -35,11 +34,9 @@ def run(jobs_file: str) -> int:
               file=sys.stderr, flush=True)
         if rc != job["rc"]:
             return 1
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1]))
+    start_worker()
+    exit_worker(run(sys.argv[1]))

@@ -106,10 +106,12 @@ def gradient_step(out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    from lm.parallel.worker import exit_worker, start_worker
+
+    start_worker()
     gradient_step(sys.argv[1])
     if len(sys.argv) > 2:
         from tests.distributed.scripts.fit_many import run
 
-        sys.exit(run(sys.argv[2]))
-    dist.barrier()
-    dist.destroy_process_group()
+        exit_worker(run(sys.argv[2]))
+    exit_worker(0)

@@ -125,10 +125,11 @@ def main() -> int:
     cases = args.cases.split(",") if args.cases else RING_CASES if args.mode == "ring" else tuple(CASES)
     out = {name: run_case(name, plan, device, dist.get_world_size()) for name in cases}
     torch.save(out, Path(args.out) / f"rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lm.parallel.worker import exit_worker, start_worker
+
+    start_worker()
+    exit_worker(main())
