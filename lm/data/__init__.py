@@ -6,13 +6,14 @@ map-style dataset).
 """
 
 from lm.data.corpus import BUILTIN_STDLIB, Document, build_corpus, split_documents, text_hash
+from lm.data.document_stream import DocumentStreamDataModule
 from lm.data.loader import ResumableLoader, ResumableSampler
 from lm.data.packing import PackedDataset, build_packed, tokenize_stream
 from lm.data.text import TextDataModule
 from lm.data.tokenizer import EOS, default_cache_dir, get_tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BUILTIN_STDLIB", "EOS", "Document", "PackedDataset", "ResumableLoader", "ResumableSampler",
+    "BUILTIN_STDLIB", "EOS", "Document", "DocumentStreamDataModule", "PackedDataset", "ResumableLoader", "ResumableSampler",
     "TextDataModule", "build_corpus", "build_packed", "default_cache_dir", "get_tokenizer",
     "load_tokenizer", "split_documents", "text_hash", "tokenize_stream", "train_tokenizer",
 ]

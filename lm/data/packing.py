@@ -121,12 +121,27 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return f.getvalue()
 
 
-class PackedDataset(torch.utils.data.Dataset):
+class MappedStream(torch.utils.data.Dataset):
+    """A dataset over the cached token stream at ``self.path``: the memory map is opened lazily and
+    not pickled, so DataLoader workers reopen the file instead of receiving a copy of the stream."""
+
+    path: str
+    _stream: np.ndarray | None = None
+
+    @property
+    def stream(self) -> np.ndarray:
+        if self._stream is None:
+            self._stream = np.load(self.path, mmap_mode="r")
+        return self._stream
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None}
+
+
+class PackedDataset(MappedStream):
     """Fixed-length samples over a memory-mapped token stream.
 
     Item ``i`` is ``{"input_ids": stream[i*T : i*T+T], "labels": stream[i*T+1 : i*T+T+1]}`` as int64.
-    The memory map is opened lazily and not pickled, so DataLoader workers reopen the file
-    instead of receiving a copy of the whole stream.
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, split: str = "train"):
@@ -134,7 +149,6 @@ class PackedDataset(torch.utils.data.Dataset):
             raise ValueError(f"data.seq_len: must be positive, got {seq_len}")
         self.path = str(path)
         self.seq_len = seq_len
-        self._stream: np.ndarray | None = None
         n = len(self.stream)
         if n < seq_len + 1:
             raise ValueError(
@@ -142,12 +156,6 @@ class PackedDataset(torch.utils.data.Dataset):
                 f" {seq_len + 1}); lower data.seq_len or add text"
             )
         self._len = (n - 1) // seq_len
-
-    @property
-    def stream(self) -> np.ndarray:
-        if self._stream is None:
-            self._stream = np.load(self.path, mmap_mode="r")
-        return self._stream
 
     def __len__(self) -> int:
         return self._len
@@ -158,6 +166,3 @@ class PackedDataset(torch.utils.data.Dataset):
         T = self.seq_len
         chunk = torch.from_numpy(self.stream[i * T : i * T + T + 1].astype(np.int64))
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_stream": None}
