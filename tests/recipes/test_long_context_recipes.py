@@ -22,17 +22,22 @@ LISTOPS = ["listops_attention", "listops_sliding_window", "listops_longformer", 
 SYNTHETIC = [*LISTOPS, "copy_at_distance_inside", "copy_at_distance_beyond"]
 SEGMENTS = ["knn_memory_recall"]
 TEXT = ["long_document_lm"]
+STREAMS = ["memorizing_lm", "memorizing_lm_local"]  # text read as per-row document streams
 SHORT_DATA = {
     "synthetic": SHORT_SYNTHETIC,
     "segments": ["--data.init_args.batch_size=4", "--data.init_args.num_val=2", "--data.init_args.num_train=8"],
     "text": ["--data.init_args.max_bytes=150000", "--data.init_args.vocab_size=320",
              "--model.init_args.config.vocab_size=320", "--data.init_args.seq_len=512",
              "--data.init_args.batch_size=1", "--data.init_args.val_batches=1", "--data.init_args.num_proc=1"],
+    "streams": ["--data.init_args.max_bytes=150000", "--data.init_args.vocab_size=320",
+                "--model.init_args.config.vocab_size=320", "--data.init_args.batch_size=2",
+                "--data.init_args.val_batches=2", "--data.init_args.num_proc=1"],
 }
 
 
 def kind(name: str) -> str:
-    return "synthetic" if name in SYNTHETIC else "segments" if name in SEGMENTS else "text"
+    return ("synthetic" if name in SYNTHETIC else "segments" if name in SEGMENTS else
+            "streams" if name in STREAMS else "text")
 
 
 def load(name: str) -> dict:
@@ -40,7 +45,7 @@ def load(name: str) -> dict:
 
 
 def test_every_long_context_recipe_is_covered():
-    assert RECIPES and set(RECIPES) <= set(SYNTHETIC) | set(SEGMENTS) | set(TEXT), RECIPES  # each has a kind
+    assert RECIPES and set(RECIPES) <= set(SYNTHETIC) | set(SEGMENTS) | set(TEXT) | set(STREAMS), RECIPES  # each has a kind
     for name in RECIPES:  # each CPU recipe has its multi-GPU-node size beside it
         assert (DIR / f"{name}.gpu.yaml").exists(), name
 
@@ -100,6 +105,21 @@ def test_knn_recipe_evaluates_inside_and_beyond_the_memory():
     assert max(data["train_gaps"]) * data["segment_len"] <= mem  # trained only where recall is possible
 
 
+@pytest.mark.skipif(not set(STREAMS) <= set(RECIPES), reason="pair")
+def test_memorizing_pair_differs_only_in_the_memory_layer():
+    """The kNN layer is the only difference, so val/loss compares memory against none."""
+    mem, local = load("memorizing_lm"), load("memorizing_lm_local")
+    pattern = mem["model"]["init_args"]["config"]["layer_pattern"]
+    (i,) = [j for j, spec in enumerate(pattern) if spec["mixer"] == "knn_memory"]
+    assert local["model"]["init_args"]["config"]["layer_pattern"] == [
+        {"mixer": "attention"} if j == i else spec for j, spec in enumerate(pattern)]
+    strip = lambda r: {**r, "model": {**r["model"], "init_args": {**r["model"]["init_args"], "config": {  # noqa: E731
+        k: v for k, v in r["model"]["init_args"]["config"].items() if k != "layer_pattern"}}}}
+    assert strip(mem) == strip(local)
+    opts = pattern[i]["mixer_options"]
+    assert opts["memory_size"] > mem["data"]["init_args"]["seq_len"]  # reaches beyond the segment
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_shortened(name, tmp_path, monkeypatch):
     from lm.training.recipe import build_recipe
@@ -110,7 +130,7 @@ def test_recipe_runs_shortened(name, tmp_path, monkeypatch):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
-    if kind(name) == "text":
+    if kind(name) in ("text", "streams"):
         assert torch.isfinite(metrics["val/loss"])
         return
     for n in cli.datamodule.val_names:
