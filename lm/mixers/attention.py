@@ -15,6 +15,27 @@ from lm.nn.rope import RotaryEmbedding
 from lm.registry import MIXERS
 
 
+def add_qkvo(mixer: nn.Module, cfg, bias: bool = False) -> None:
+    """The heads, q/k/v/o projections and RoPE every attention-shaped mixer (softmax, linear,
+    kNN memory) has; ``o_proj`` is marked as a residual output for its scaled init."""
+    mixer.num_heads, mixer.num_kv_heads, mixer.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    mixer.q_proj = nn.Linear(cfg.dim, mixer.num_heads * mixer.head_dim, bias=bias)
+    mixer.k_proj = nn.Linear(cfg.dim, mixer.num_kv_heads * mixer.head_dim, bias=bias)
+    mixer.v_proj = nn.Linear(cfg.dim, mixer.num_kv_heads * mixer.head_dim, bias=bias)
+    mixer.o_proj = nn.Linear(mixer.num_heads * mixer.head_dim, cfg.dim, bias=bias)
+    mixer.o_proj.is_residual_out = True
+    mixer.rope = RotaryEmbedding(mixer.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+
+def project_qkv(mixer: nn.Module, x_BTM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries ``[B, H, T, D]``, keys and values ``[B, K, T, D]`` of a mixer made by ``add_qkvo``
+    (before RoPE)."""
+    B, T, _ = x_BTM.shape
+    H, K, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    return (mixer.q_proj(x_BTM).view(B, T, H, D).transpose(1, 2), mixer.k_proj(x_BTM).view(B, T, K, D).transpose(1, 2),
+            mixer.v_proj(x_BTM).view(B, T, K, D).transpose(1, 2))
+
+
 @MIXERS.register("attention")
 class Attention(nn.Module):
     """Causal multi-head attention with grouped key/value heads and RoPE, through SDPA.
@@ -26,13 +47,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg, layer_idx: int = 0, *, bias: bool = False):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        self.q_proj = nn.Linear(cfg.dim, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.dim, bias=bias)
-        self.o_proj.is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        add_qkvo(self, cfg, bias)
 
     # -- masks: the one place a variant changes which keys a query may see -------------------
     def allowed(self, q_pos_T: torch.Tensor, k_pos_S: torch.Tensor) -> torch.Tensor:
@@ -51,9 +66,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTM: torch.Tensor, *, cache=None, start_pos: int = 0, **ctx) -> torch.Tensor:
         B, T, _ = x_BTM.shape
-        q = self.q_proj(x_BTM).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTM).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTM).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project_qkv(self, x_BTM)
         q, k = self.rope(q, k, start_pos)
         q_pos_T = torch.arange(start_pos, start_pos + T, device=x_BTM.device)
         if cache is None:

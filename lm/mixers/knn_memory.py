@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.mixers.attention import Attention
+from lm.mixers.attention import Attention, project_qkv
 from lm.registry import MIXERS
 
 _KEY = "model.config.mixer_options"
@@ -151,9 +151,7 @@ class KNNMemoryAttention(Attention):
     def forward(self, x_BTM: torch.Tensor, *, cache=None, start_pos: int = 0, **ctx) -> torch.Tensor:
         B, T, _ = x_BTM.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q0 = self.q_proj(x_BTM).view(B, T, H, D).transpose(1, 2)
-        k0 = self.k_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
-        v = self.v_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
+        q0, k0, v = project_qkv(self, x_BTM)
         q, k = self.rope(q0, k0, start_pos)
         if cache is None:
             local = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)

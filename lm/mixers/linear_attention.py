@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.nn.rope import RotaryEmbedding
+from lm.mixers.attention import add_qkvo, project_qkv
 from lm.registry import MIXERS
 
 _KEY = "model.config.mixer_options"
@@ -117,14 +117,8 @@ class LinearAttention(nn.Module):
         super().__init__()
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"{_KEY}.chunk_size: must be a positive integer, got {chunk_size!r}")
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.chunk_size = chunk_size
-        self.q_proj = nn.Linear(cfg.dim, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.dim, bias=bias)
-        self.o_proj.is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        add_qkvo(self, cfg, bias)
 
     @property
     def num_features(self) -> int:
@@ -140,9 +134,7 @@ class LinearAttention(nn.Module):
                 **ctx) -> torch.Tensor:
         B, T, _ = x_BTM.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x_BTM).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
-        v = self.v_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
+        q, k, v = project_qkv(self, x_BTM)
         q, k = self.rope(q, k, start_pos)
         phi_q = self.features(q, is_query=True).view(B, K, H // K, T, -1)
         phi_k = self.features(k, is_query=False)

@@ -3,7 +3,6 @@ logits, equal greedy generations and an equivalent tokenizer (Llama and Mistral)
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +13,8 @@ from lm.models import DecoderConfig, DecoderLM, LayerSpec
 from lm.tools.export import export_hf
 from lm.tools.generate import generate
 from lm.training.module import LanguageModel
+
+from hf_checkpoints import export_once  # tests/parity/hf_checkpoints.py
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,35 +45,10 @@ def tokenizer():
     return tok
 
 
-def save_lightning_checkpoint(path, cfg: DecoderConfig, tokenizer_json: str | None) -> str:
-    """A checkpoint exactly as training writes it: ``Trainer.fit`` for one step, then ``save_checkpoint``."""
-    module = LanguageModel(config=cfg)
-    module.tokenizer_json = tokenizer_json
-    ids = torch.randint(0, cfg.vocab_size, (4, 16))
-    loader = torch.utils.data.DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=2)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
-    trainer.fit(module, loader)
-    trainer.save_checkpoint(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
-    """``exported(case) -> (ckpt, out_dir, arch)``, built once per case."""
-    done = {}
-
-    def get(case):
-        if case not in done:
-            root = tmp_path_factory.mktemp(case)
-            torch.manual_seed(0)
-            ckpt = save_lightning_checkpoint(root / "model.ckpt", DecoderConfig(**BASE, **CASES[case][0]),
-                                             tokenizer.to_str())
-            out, arch = export_hf(ckpt, str(root / "hf"))
-            done[case] = (ckpt, str(out), arch)
-        return done[case]
-
-    return get
+    """``exported(case) -> (ckpt, out_dir, arch)``, built once per case (one training step)."""
+    return export_once(tmp_path_factory, lambda case: DecoderConfig(**BASE, **CASES[case][0]), tokenizer.to_str())
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,7 +4,6 @@ with the same logits (fp32, atol 1e-4) and the same greedy generations."""
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from torch.testing import assert_close
@@ -12,9 +11,10 @@ from torch.testing import assert_close
 import lm
 import lm.tools.export_moe  # noqa: F401  (appends the Mixtral exporter until lm.tools.export imports it)
 from lm.models import DecoderConfig, LayerSpec
-from lm.tools.export import export_hf, pick_exporter
+from lm.tools.export import pick_exporter
 from lm.tools.generate import generate
-from lm.training.module import LanguageModel
+
+from hf_checkpoints import export_once  # tests/parity/hf_checkpoints.py
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,33 +30,10 @@ CASES = {
 }
 
 
-def save_lightning_checkpoint(path, cfg: DecoderConfig) -> str:
-    """A checkpoint as training writes it (``Trainer.fit`` for two steps, then ``save_checkpoint``),
-    so router and experts are trained away from their initialisation."""
-    module = LanguageModel(config=cfg)
-    ids = torch.randint(0, cfg.vocab_size, (4, 16))
-    loader = torch.utils.data.DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=2)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
-    trainer.fit(module, loader)
-    trainer.save_checkpoint(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    done = {}
-
-    def get(case):
-        if case not in done:
-            root = tmp_path_factory.mktemp(case)
-            torch.manual_seed(0)
-            ckpt = save_lightning_checkpoint(root / "model.ckpt", DecoderConfig(**BASE, **CASES[case]))
-            out, arch = export_hf(ckpt, str(root / "hf"))
-            done[case] = (ckpt, str(out), arch)
-        return done[case]
-
-    return get
+    """Two training steps, so router and experts are trained away from their initialisation."""
+    return export_once(tmp_path_factory, lambda case: DecoderConfig(**BASE, **CASES[case]), steps=2)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from lm.mixers.attention import Attention
+from lm.mixers.attention import Attention, project_qkv
 from lm.mixers.sparse.backends import flex_sparse_attention
 from lm.mixers.sparse.blocksparse import block_sparse_attention
 from lm.mixers.sparse.layout import BigBirdLayout, BlockLayout, LongformerLayout, SlidingWindowLayout
@@ -65,9 +65,7 @@ class SparseAttention(Attention):
         if cache is not None and start_pos > 0:  # continuing from a cache: masked SDPA over it
             return super().forward(x_BTM, cache=cache, start_pos=start_pos, **ctx)
         B, T, _ = x_BTM.shape
-        q = self.q_proj(x_BTM).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTM).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTM).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project_qkv(self, x_BTM)
         q, k = self.rope(q, k, 0)
         if cache is not None:  # a prefill: the sparse kernel attends, the cache just stores
             cache.update(k, v, 0)
