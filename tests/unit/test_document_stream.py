@@ -165,3 +165,22 @@ def test_lightning_resume_continues_with_the_next_segment(tmp_path, monkeypatch)
     rest = fit(6, ckpt_path=str(tmp_path / "ck" / "step=3.ckpt"))
     assert len(full) == 6 and len(rest) == 3
     assert all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
+
+
+def test_ranks_read_disjoint_rows_for_the_same_number_of_steps(tmp_path, monkeypatch):
+    """Data parallel: rank r reads rows r*B .. r*B+B-1 of one layout, so no document is read twice."""
+    monkeypatch.setenv("LM_CACHE", str(tmp_path / "cache"))
+    src = write_corpus(tmp_path / "c", n_docs=30, words=40)
+    docs, steps = [], set()
+    for rank in (0, 1):
+        dm = DocumentStreamDataModule([str(src)], seq_len=16, batch_size=3, vocab_size=300, val_fraction=0.2,
+                                      max_bytes=None, num_proc=1)
+        shard = {"rank": rank, "num_replicas": 2}  # what Lightning's DDP strategy reports
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=shard), global_rank=rank,
+                                     world_size=2)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        steps.add(len(loader))
+        docs.append({int(d) for d in loader.dataset.rows[:, :, 0].ravel()})
+        assert loader.state_dict()["world_size"] == 2
+    assert len(steps) == 1 and not docs[0] & docs[1]
