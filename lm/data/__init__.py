@@ -13,8 +13,8 @@ from lm.data.text import TextDataModule
 from lm.data.tokenizer import EOS, default_cache_dir, get_tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BUILTIN_STDLIB", "EOS", "Document", "DocumentStreamDataModule", "PackedDataset", "ResumableLoader", "ResumableSampler",
-    "TextDataModule", "build_corpus", "build_packed", "default_cache_dir", "get_tokenizer",
+    "BUILTIN_STDLIB", "EOS", "Document", "DocumentStreamDataModule", "PackedDataset", "ResumableLoader",
+    "ResumableSampler", "TextDataModule", "build_corpus", "build_packed", "default_cache_dir", "get_tokenizer",
     "load_tokenizer", "split_documents", "text_hash", "tokenize_stream", "train_tokenizer",
 ]
 import lm.data.listops  # noqa: E402,F401  (registers the listops task in lm.data.synthetic.TASKS)

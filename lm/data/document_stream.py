@@ -33,9 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lm.data.loader import ResumableLoader
+from lm.data.loader import ResumableLoader, whole_batch
 from lm.data.packing import MappedStream
-from lm.data.segments import _only_item
 from lm.data.synthetic import IGNORE_INDEX
 from lm.data.text import TextDataModule
 
@@ -57,9 +56,10 @@ def layout_rows(spans: list[tuple[int, int]], segment_len: int, num_rows: int, s
     heap = [(0, r) for r in range(num_rows)]  # (segments so far, row)
     for d in order:
         n_inputs = spans[d][1] - spans[d][0]  # [EOS] + tokens (the final EOS is only a label)
+        n_segments = -(-n_inputs // segment_len)
         count, r = heapq.heappop(heap)
-        rows[r].extend((int(d), j * segment_len) for j in range(-(-n_inputs // segment_len)))
-        heapq.heappush(heap, (count + -(-n_inputs // segment_len), r))
+        rows[r].extend((int(d), j * segment_len) for j in range(n_segments))
+        heapq.heappush(heap, (count + n_segments, r))
     n = min(len(row) for row in rows)
     return np.array([row[:n] for row in rows], dtype=np.int64).reshape(num_rows, n, 2)
 
@@ -99,7 +99,7 @@ class StreamLoader(ResumableLoader):
     for, and a resume with another is refused: the rows would be different streams."""
 
     def __init__(self, segments: DocumentSegments, world_size: int, seed: int, *, num_workers: int = 0):
-        super().__init__(segments, 1, shuffle=False, seed=seed, num_workers=num_workers, collate_fn=_only_item)
+        super().__init__(segments, 1, shuffle=False, seed=seed, num_workers=num_workers, collate_fn=whole_batch)
         self.layout_world = world_size
 
     def state_dict(self) -> dict[str, int]:
@@ -123,12 +123,13 @@ class DocumentStreamDataModule(TextDataModule):
     validation segments per row, ``seed`` orders the documents.
     """
 
+    _streams: dict[str, tuple[str, list[tuple[int, int]]]] | None = None  # split -> (stream file, spans)
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        if getattr(self, "_streams", None) is None:
-            self._streams = {}
-            for split, ds in (("train", self.train_dataset), ("validation", self.val_dataset)):
-                self._streams[split] = (ds.path, document_spans(np.asarray(ds.stream), self.eos_id))
+        if self._streams is None:
+            self._streams = {split: (ds.path, document_spans(ds.stream, self.eos_id))
+                             for split, ds in (("train", self.train_dataset), ("validation", self.val_dataset))}
 
     def _segments(self, split: str, num_steps: int | None = None) -> DocumentSegments:
         self._require_setup()

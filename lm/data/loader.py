@@ -39,6 +39,12 @@ def data_shard(trainer) -> tuple[int, int]:
     return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
 
 
+def whole_batch(items: list) -> Any:
+    """Collate of a ``ResumableLoader`` with ``batch_size=1`` over a dataset whose items already are
+    whole batches (the segment-wise data modules): the one item, unchanged."""
+    return items[0]
+
+
 class ResumableSampler(Sampler[int]):
     """Per-epoch permutation from ``torch.Generator().manual_seed(seed + epoch)``, sharded for data
     parallel: the permutation is truncated to a multiple of ``world_size * batch_size`` (drop_last,

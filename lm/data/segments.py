@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lm.data.loader import ResumableLoader, data_shard
+from lm.data.loader import ResumableLoader, data_shard, whole_batch
 from lm.data.synthetic import IGNORE_INDEX, SPLITS
 
 _KEY = "data"
@@ -48,11 +48,6 @@ def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{_KEY}.{name}: must be an integer >= {low}, got {value!r}")
     return int(value)
-
-
-def _only_item(items: list) -> dict:
-    """Collate of the resumable loader: an item already is a whole batch."""
-    return items[0]
 
 
 class SegmentDocuments(Dataset):
@@ -183,7 +178,7 @@ class SegmentRecallDataModule(L.LightningDataModule):
         """Item after item, resumable mid-epoch (its position travels in the checkpoint). Every
         rank walks the same item indices; its documents differ through ``row_offset``."""
         return ResumableLoader(self._documents(self.num_train, self.train_gaps, "train", self._rank()), 1,
-                               shuffle=False, seed=self.seed, collate_fn=_only_item)
+                               shuffle=False, seed=self.seed, collate_fn=whole_batch)
 
     def _eval(self, split: str) -> list[DataLoader]:
         return [self._loader(self._documents(self.num_val, [g], split, self._rank())) for g in self.eval_gaps]

@@ -32,8 +32,10 @@ def project_qkv(mixer: nn.Module, x_BTM: torch.Tensor) -> tuple[torch.Tensor, to
     (before RoPE)."""
     B, T, _ = x_BTM.shape
     H, K, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
-    return (mixer.q_proj(x_BTM).view(B, T, H, D).transpose(1, 2), mixer.k_proj(x_BTM).view(B, T, K, D).transpose(1, 2),
-            mixer.v_proj(x_BTM).view(B, T, K, D).transpose(1, 2))
+    q_BHTD = mixer.q_proj(x_BTM).view(B, T, H, D).transpose(1, 2)
+    k_BKTD = mixer.k_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
+    v_BKTD = mixer.v_proj(x_BTM).view(B, T, K, D).transpose(1, 2)
+    return q_BHTD, k_BKTD, v_BKTD
 
 
 @MIXERS.register("attention")

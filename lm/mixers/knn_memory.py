@@ -14,7 +14,8 @@ layer and batch row), is not saved in checkpoints, and is cleared by ``reset_mem
 document boundaries, ``reset_memories(model, rows)`` for all layers), when the batch size changes,
 and on every train/eval switch. Two data modules feed it segment by segment and clear it at
 document starts: ``lm.data.segments`` (cross-segment recall) and ``lm.data.document_stream`` (text:
-every batch row reads one document after another). With a decoding cache the memory is read but not written.
+every batch row reads one document after another). With a decoding cache the memory is read but
+not written.
 
 Index: ``exact`` (torch top-k over all entries), ``faiss`` (an exact inner-product faiss index when
 ``faiss`` is installed), ``auto`` (faiss if importable, else exact).
